@@ -1,0 +1,78 @@
+"""`ftl run | launch | eval`: the command line. Errors from bad input print one clear line, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+from ftl.errors import FtlError
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.handler(args)
+    except FtlError as err:
+        print(f"ftl: error: {err}", file=sys.stderr)
+        code = 2
+    sys.exit(code or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ftl", description="Fine-tuning launcher: one recipe, any machine.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a recipe in this process (what every launcher starts)")
+    _recipe_args(run)
+    run.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    run.set_defaults(handler=cmd_run)
+
+    launch = sub.add_parser("launch", help="build and run the launcher command for the recipe's profile")
+    _recipe_args(launch)
+    launch.add_argument("--resume", action="store_true")
+    launch.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
+    launch.set_defaults(handler=cmd_launch)
+
+    ev = sub.add_parser("eval", help="evaluate a run directory or a model folder")
+    ev.add_argument("target", help="run directory (from ftl run) or a model folder")
+    ev.add_argument("--data", help="a data file to evaluate on (default: the run's validation split)")
+    ev.add_argument("--format", default=None, help="record format of --data (default: the run's)")
+    ev.add_argument("--split", default="validation", choices=["train", "validation", "test"])
+    ev.add_argument("--out", default=None, help="where to write eval.json / eval.md (default: target)")
+    ev.set_defaults(handler=cmd_eval)
+    return parser
+
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("--profile", "-p", default=None, help="profile to apply (tiny, small, gpu1, node8, ...)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
+
+
+def cmd_run(args) -> int:
+    from ftl.runner import run_recipe
+
+    result = run_recipe(args.recipe, args.profile, args.overrides, resume=args.resume)
+    return 0 if result is not None else 1
+
+
+def cmd_launch(args) -> int:
+    from ftl.config import load_recipe
+    from ftl.launch.command import build_launch_command, runnable
+
+    recipe = load_recipe(args.recipe, args.profile, args.overrides)
+    command = build_launch_command(recipe, args.recipe, args.overrides, resume=args.resume)
+    print(f"ftl: launch command:\n  {command.shell()}", flush=True)
+    if args.dry_run:
+        return 0
+    argv, env = runnable(command)
+    return subprocess.run(argv, env=env).returncode
+
+
+def cmd_eval(args) -> int:
+    from ftl.evaluate.cli import evaluate_target
+
+    evaluate_target(args.target, data=args.data, fmt=args.format, split=args.split, out=args.out)
+    return 0

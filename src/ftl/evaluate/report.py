@@ -1,0 +1,43 @@
+"""eval.json plus a short human-readable table (eval.md), before vs after when both exist."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SCALARS = ("loss", "perplexity", "accuracy", "precision", "recall", "f1", "tokens")
+
+
+def write_report(out_dir: Path, results: dict[str, dict]) -> tuple[Path, Path]:
+    """results: phase name ('before', 'after', ...) → metrics (+ optional 'samples')."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / "eval.json", out_dir / "eval.md"
+    json_path.write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    md_path.write_text(render_table(results))
+    return json_path, md_path
+
+
+def render_table(results: dict[str, dict]) -> str:
+    phases = list(results)
+    keys = [k for k in SCALARS if any(k in results[p] for p in phases)]
+    lines = ["| metric | " + " | ".join(phases) + " |", "|---" * (len(phases) + 1) + "|"]
+    for key in keys:
+        cells = [_fmt(results[p].get(key)) for p in phases]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    sampled = [p for p in phases if results[p].get("samples")]
+    if sampled:
+        lines += ["", "## Generations (greedy)", ""]
+        for i, first in enumerate(results[sampled[0]]["samples"]):
+            lines.append(f"**Prompt {i + 1}:** {first['prompt'][-300:]!r}")
+            if first.get("reference"):
+                lines.append(f"- reference: {first['reference']}")
+            for p in sampled:
+                lines.append(f"- {p}: {results[p]['samples'][i]['generation']}")
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)

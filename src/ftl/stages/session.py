@@ -1,0 +1,158 @@
+"""What every stage does around its training: the run directory, manifest, tracking, final save, report.
+
+A stage creates a RunSession, asks it for data and a tokenizer, trains through `ftl.train.loop.fit`
+and hands the result to `finish`. Only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable
+
+from ftl import run_dir as layout
+from ftl.config import save_resolved
+from ftl.config.schema import Recipe
+from ftl.data import load_splits
+from ftl.evaluate.report import write_report
+from ftl.methods import apply_method, trainable_summary
+from ftl.models.load import load_tokenizer, record_texts
+from ftl.track.manifest import update_manifest, write_manifest
+from ftl.track.metrics import MetricsLog
+from ftl.track.plot import plot_curves
+from ftl.train.checkpoint import latest_checkpoint
+from ftl.train.distributed import make_accelerator
+
+BEFORE_FILE = "eval_before.json"
+
+
+class RunSession:
+    def __init__(self, recipe: Recipe, run_dir: Path, resume: bool):
+        from accelerate.utils import set_seed
+
+        self.recipe, self.run_dir, self.resume = recipe, run_dir, resume
+        self.accelerator = make_accelerator(recipe.train.precision, recipe.train.grad_accum)
+        self.main = self.accelerator.is_main_process
+        set_seed(recipe.train.seed)
+        checkpoint = latest_checkpoint(run_dir) if resume else None
+        self.resume_step = int(checkpoint.name.split("-")[1]) if checkpoint else None
+        if self.main:
+            if not resume and (run_dir / layout.METRICS_FILE).exists():
+                # A fresh run in a used directory: start clean rather than mix two runs' files.
+                for name in ("checkpoints", layout.FINAL_DIR, layout.TOKENIZER_DIR, "wandb"):
+                    shutil.rmtree(run_dir / name, ignore_errors=True)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_resolved(recipe, run_dir / layout.RECIPE_FILE)
+        self.accelerator.wait_for_everyone()
+        self.sinks, self.wandb = [], None
+        self.manifest_fields: dict = {"world_size": self.accelerator.num_processes, "stage": recipe.stage,
+                                      "profile": recipe.profile, "resumed_from_step": self.resume_step}
+
+    # -- data and model ----------------------------------------------------------------------
+    def load_data(self):
+        splits, report = load_splits(self.recipe.data)
+        self.manifest_fields["data"] = {"fingerprints": splits.fingerprints(), "sizes": splits.sizes(),
+                                        "duplicates_dropped": splits.duplicates_dropped,
+                                        "rows": report.as_dict()}
+        if report.skipped and self.main:
+            print(f"ftl: skipped {sum(report.skipped.values())} bad rows: {dict(report.skipped)}", flush=True)
+        return splits
+
+    def note_data(self, **fields) -> None:
+        self.manifest_fields["data"].update(fields)
+
+    def tokenizer(self, train_records: list[dict]):
+        """Built once on the main process and saved, so every rank, resume and eval share it."""
+        saved = self.run_dir / layout.TOKENIZER_DIR
+        with self.accelerator.main_process_first():
+            reuse = saved if (self.resume or not self.main) else None
+            tokenizer = load_tokenizer(self.recipe.model, record_texts(train_records), saved=reuse)
+            if self.main and reuse is None:
+                tokenizer.save_pretrained(saved)
+        return tokenizer
+
+    def apply_method(self, model):
+        model = apply_method(model, self.recipe.method)
+        summary = trainable_summary(model)
+        self.manifest_fields["trainable"] = summary
+        self.accelerator.print(f"ftl: method {self.recipe.method.kind}: {summary['trainable_params']:,} of "
+                               f"{summary['total_params']:,} parameters train "
+                               f"({100 * summary['trainable_share']:.2f}%)")
+        self._start_tracking()
+        return model
+
+    # -- tracking --------------------------------------------------------------------------
+    def _start_tracking(self) -> None:
+        if self.main:
+            write_manifest(self.run_dir / layout.MANIFEST_FILE, **self.manifest_fields)
+            if self.recipe.track.wandb.enabled:
+                from ftl.config import resolved_dict
+                from ftl.track.wandb_run import WandbSink
+
+                self.wandb = WandbSink(self.recipe.track.wandb, self.run_dir,
+                                       f"{self.recipe.name}-{self.recipe.profile or 'base'}",
+                                       resolved_dict(self.recipe))
+                self.sinks.append(self.wandb)
+        self.log = MetricsLog(self.run_dir / layout.METRICS_FILE, self.main, self.resume_step, self.sinks)
+
+    def evaluate_before(self, evaluate: Callable[[], dict]) -> None:
+        if self.resume_step is not None:
+            return  # measured by the run being resumed
+        metrics = evaluate()
+        if self.main:
+            (self.run_dir / BEFORE_FILE).write_text(json.dumps(metrics, ensure_ascii=False))
+
+    # -- the end ---------------------------------------------------------------------------
+    def finish(self, model, tokenizer, result, evaluate: Callable[[], dict]) -> dict:
+        acc = self.accelerator
+        summary = {"run_dir": str(self.run_dir), "steps": result.steps, "interrupted": result.interrupted}
+        if result.interrupted:
+            self.log.close()
+            return summary
+        after = evaluate()
+        save_final_model(acc, model, tokenizer, self.run_dir / layout.FINAL_DIR)
+        if self.main:
+            results = {}
+            before_path = self.run_dir / BEFORE_FILE
+            if before_path.exists():
+                results["before"] = json.loads(before_path.read_text())
+            results["after"] = after
+            json_path, md_path = write_report(self.run_dir, results)
+            self.log.close()
+            plot = plot_curves(self.run_dir / layout.METRICS_FILE, self.run_dir / layout.PLOT_FILE,
+                               f"{self.recipe.name} ({self.recipe.profile or 'base'})") \
+                if self.recipe.track.plot else None
+            update_manifest(self.run_dir / layout.MANIFEST_FILE, finished=True, steps=result.steps)
+            if self.wandb:
+                self.wandb.run.summary.update({f"final/{k}": v for k, v in after.items()
+                                               if isinstance(v, (int, float))})
+                self.wandb.finish()
+            print(md_path.read_text(), flush=True)
+            print(f"ftl: report {md_path} | metrics {self.run_dir / layout.METRICS_FILE} | plot {plot} "
+                  f"| model {self.run_dir / layout.FINAL_DIR}", flush=True)
+            summary.update(report=str(json_path), plot=str(plot) if plot else None, after=after)
+        acc.wait_for_everyone()
+        return summary
+
+
+def save_final_model(accelerator, model, tokenizer, target: Path) -> None:
+    """A normal save_pretrained folder (adapter only for PEFT), written atomically."""
+    state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards on every rank
+    if accelerator.is_main_process:
+        tmp = target.with_name(target.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    accelerator.wait_for_everyone()
+
+
+def exit_cleanly(code: int = 0) -> None:
+    """Flush and leave without interpreter teardown (avoids DeepSpeed's sporadic exit SIGABRT)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,60 @@
+"""Supervised fine-tuning of a causal LM: chat, prompt/completion or plain text, packed or not."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+from ftl.config.schema import Recipe
+from ftl.data.packing import collate, pack_sequences
+from ftl.data.tokenize import IGNORE, encode_record, generation_prompt
+from ftl.evaluate.lm import causal_lm_loss, lm_loss
+from ftl.evaluate.generate import generate_samples
+from ftl.models.load import load_causal_lm
+from ftl.stages.session import RunSession
+from ftl.train.loop import fit
+
+
+def encode_all(tokenizer, records: list[dict], recipe: Recipe) -> list[dict]:
+    """Encoded features; examples with nothing to learn (e.g. truncated before the answer) dropped."""
+    features = [encode_record(tokenizer, r, recipe.data.format, recipe.data.max_length,
+                              recipe.data.system_prompt).as_dict() for r in records]
+    return [f for f in features if any(t != IGNORE for t in f["labels"][1:])]
+
+
+def sample_prompts(tokenizer, recipe: Recipe, validation: list[dict]) -> list[tuple[str, str | None]]:
+    gen = recipe.eval.generate
+    fixed = [generation_prompt(tokenizer, {"prompt": p}, recipe.data.system_prompt) for p in gen.prompts]
+    return fixed + [generation_prompt(tokenizer, r, recipe.data.system_prompt)
+                    for r in validation[:gen.from_validation]]
+
+
+def run_sft(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
+    session = RunSession(recipe, run_dir, resume)
+    acc = session.accelerator
+    splits = session.load_data()
+    tokenizer = session.tokenizer(splits.train)
+
+    train = encode_all(tokenizer, splits.train, recipe)
+    validation = encode_all(tokenizer, splits.validation[: recipe.eval.max_examples], recipe)
+    train_rows = pack_sequences(train, recipe.data.max_length) if recipe.data.packing else train
+    session.note_data(examples=len(train), rows=len(train_rows), packed=recipe.data.packing)
+
+    model = session.apply_method(load_causal_lm(recipe.model, tokenizer, recipe.train.seed))
+    prompts = sample_prompts(tokenizer, recipe, splits.validation)
+
+    def evaluate(m, with_samples=False) -> dict:
+        metrics = lm_loss(m, validation, tokenizer.pad_token_id, recipe.eval.batch_size, acc) if validation else {}
+        if with_samples and prompts:
+            metrics["samples"] = generate_samples(acc.unwrap_model(m), tokenizer, prompts,
+                                                  recipe.eval.generate.max_new_tokens)
+        return metrics
+
+    if recipe.eval.before_training:
+        session.evaluate_before(lambda: evaluate(model, with_samples=True))
+
+    model, result = fit(accelerator=acc, model=model, cfg=recipe.train, features=train_rows,
+                        collate=partial(collate, pad_id=tokenizer.pad_token_id), loss_fn=causal_lm_loss,
+                        run_dir=run_dir, log=session.log, resume=resume,
+                        evaluate=evaluate, eval_every=recipe.eval.every)
+    return session.finish(model, tokenizer, result, lambda: evaluate(model, with_samples=True))

@@ -1,0 +1,1 @@
+"""Run tracking: metrics.jsonl, W&B, the manifest and plots. Only the main process writes."""

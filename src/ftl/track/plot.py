@@ -1,0 +1,35 @@
+"""A PNG of the loss and learning-rate curves (and evaluation loss when logged)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ftl.track.metrics import read_metrics
+
+
+def plot_curves(metrics_path: Path, out_path: Path, title: str = "") -> Path | None:
+    rows = read_metrics(metrics_path)
+    train = [r for r in rows if "loss" in r]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    evals = [r for r in rows if "eval/loss" in r]
+    if evals:
+        ax_loss.plot([r["step"] for r in evals], [r["eval/loss"] for r in evals], "o-", label="validation loss")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend()
+    ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:orange")
+    ax_lr.set_xlabel("step")
+    ax_lr.set_ylabel("learning rate")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path

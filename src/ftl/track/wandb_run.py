@@ -1,0 +1,46 @@
+"""W&B when the recipe asks: online with an API key, offline (files in the run directory) without."""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+
+from ftl.config.schema import WandbConfig
+
+
+def has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def choose_mode(cfg: WandbConfig) -> str:
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if cfg.mode != "auto":
+        return cfg.mode
+    return "online" if has_api_key() else "offline"
+
+
+class WandbSink:
+    """Callable sink for MetricsLog; the key is read by wandb from the environment, never stored."""
+
+    def __init__(self, cfg: WandbConfig, run_dir: Path, name: str, config: dict):
+        import wandb
+
+        self.mode = choose_mode(cfg)
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=name, dir=str(run_dir),
+                              mode=self.mode, config=config, tags=cfg.tags, reinit="finish_previous")
+        where = self.run.dir if self.mode != "disabled" else "(disabled)"
+        print(f"ftl: W&B {self.mode} run; files in {where}", flush=True)
+
+    def __call__(self, record: dict) -> None:
+        self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def finish(self) -> None:
+        self.run.finish()
