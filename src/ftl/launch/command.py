@@ -64,7 +64,8 @@ def accelerate_argv(recipe: Recipe) -> list[str]:
         # `--cpu --num_processes 2` silently starts ONE process; --multi_gpu starts them all and
         # ftl picks gloo on CPU itself.
         argv.append("--multi_gpu")
-    argv += ["--num_processes", str(total), "--num_machines", str(launch.num_machines),
+    argv += ["--mixed_precision", {"fp32": "no"}.get(recipe.train.precision, recipe.train.precision),
+             "--dynamo_backend", "no", "--num_processes", str(total), "--num_machines", str(launch.num_machines),
              "--main_process_port", str(launch.main_process_port)]
     if launch.num_machines == 1:
         argv += ["--machine_rank", "0"]

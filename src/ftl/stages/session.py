@@ -24,7 +24,7 @@ from ftl.track.manifest import update_manifest, write_manifest
 from ftl.track.metrics import MetricsLog
 from ftl.track.plot import plot_curves
 from ftl.train.checkpoint import latest_checkpoint
-from ftl.train.distributed import make_accelerator
+from ftl.train.distributed import is_sharded, make_accelerator, rank_checks
 
 BEFORE_FILE = "eval_before.json"
 
@@ -113,6 +113,9 @@ class RunSession:
             self.log.close()
             return summary
         after = evaluate()
+        checks = rank_checks(acc, model)
+        if len({c["param_digest"] for c in checks}) > 1 and not is_sharded(acc):
+            acc.print(f"ftl: WARNING: ranks ended with different weights: {checks}")
         save_final_model(acc, model, tokenizer, self.run_dir / layout.FINAL_DIR)
         if self.main:
             results = {}
@@ -125,7 +128,8 @@ class RunSession:
             plot = plot_curves(self.run_dir / layout.METRICS_FILE, self.run_dir / layout.PLOT_FILE,
                                f"{self.recipe.name} ({self.recipe.profile or 'base'})") \
                 if self.recipe.track.plot else None
-            update_manifest(self.run_dir / layout.MANIFEST_FILE, finished=True, steps=result.steps)
+            update_manifest(self.run_dir / layout.MANIFEST_FILE, finished=True, steps=result.steps,
+                            rank_checks=checks)
             if self.wandb:
                 self.wandb.run.summary.update({f"final/{k}": v for k, v in after.items()
                                                if isinstance(v, (int, float))})

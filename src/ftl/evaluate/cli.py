@@ -1,0 +1,64 @@
+"""`ftl eval RUN_DIR|MODEL`: the shared evaluation on a finished run or any local model folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ftl import run_dir as layout
+from ftl.config.schema import DataConfig, SourceConfig
+from ftl.data import load_splits
+from ftl.errors import FtlError
+from ftl.evaluate.generate import generate_samples
+from ftl.evaluate.lm import lm_loss
+from ftl.evaluate.report import write_report
+
+SUFFIX_KIND = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def data_config_for_file(path: str, fmt: str, like: DataConfig | None) -> DataConfig:
+    p = Path(path)
+    kind = SUFFIX_KIND.get(p.suffix) or ("saved_dataset" if p.is_dir() else None)
+    if kind is None:
+        raise FtlError(f"--data {path}: expected a .jsonl, .json, .csv, .parquet file or a saved dataset folder")
+    base = like.model_dump() if like else {"format": fmt}
+    base.update(source={"kind": kind, "path": str(p)}, format=fmt or base["format"],
+                split={"validation": 0.0, "test": 0.0, "seed": 0}, limit=None)
+    return DataConfig.model_validate(base)
+
+
+def evaluate_target(target: str, data: str | None = None, fmt: str | None = None, split: str = "validation",
+                    out: str | None = None, max_new_tokens: int = 24, samples: int = 3) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftl.stages.sft import encode_all, sample_prompts
+
+    path = Path(target)
+    if (path / layout.RECIPE_FILE).exists():
+        from ftl.models.trained import load_trained_causal_lm
+
+        model, tokenizer, recipe = load_trained_causal_lm(path)
+        data_cfg = data_config_for_file(data, fmt, recipe.data) if data else recipe.data
+    elif (path / "config.json").exists():
+        if not (data and fmt):
+            raise FtlError(f"{target} is a model folder: give --data FILE and --format FORMAT")
+        from ftl.config.schema import Recipe
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        data_cfg = data_config_for_file(data, fmt, None)
+        recipe = Recipe.model_validate({"name": path.name, "data": data_cfg.model_dump()})
+    else:
+        raise FtlError(f"{target}: neither a run directory (no {layout.RECIPE_FILE}) nor a model folder "
+                       "(no config.json)")
+    splits, _ = load_splits(data_cfg) if data else load_splits(recipe.data)
+    records = splits.train if data else getattr(splits, split)[: recipe.eval.max_examples]
+    recipe = recipe.model_copy(update={"data": data_cfg})
+    features = encode_all(tokenizer, records, recipe)
+    metrics = lm_loss(model, features, tokenizer.pad_token_id, recipe.eval.batch_size)
+    prompts = sample_prompts(tokenizer, recipe, records)[: len(recipe.eval.generate.prompts) + samples]
+    metrics["samples"] = generate_samples(model, tokenizer, prompts, max_new_tokens)
+    metrics["examples"] = len(features)
+    json_path, md_path = write_report(Path(out) if out else path / "eval", {"eval": metrics})
+    print(md_path.read_text())
+    print(f"ftl: wrote {json_path} and {md_path}")
+    return metrics
