@@ -18,7 +18,9 @@ def plot_curves(metrics_path: Path, out_path: Path, title: str = "") -> Path | N
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
+    ax_loss.plot(steps, losses, alpha=0.35, label="train loss")
+    ax_loss.plot(steps, smooth(losses), label="train loss (EMA 0.8)")
     evals = [r for r in rows if "eval/loss" in r]
     if evals:
         ax_loss.plot([r["step"] for r in evals], [r["eval/loss"] for r in evals], "o-", label="validation loss")
@@ -33,3 +35,11 @@ def plot_curves(metrics_path: Path, out_path: Path, title: str = "") -> Path | N
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
     return out_path
+
+
+def smooth(values: list[float], weight: float = 0.8) -> list[float]:
+    out, last = [], values[0]
+    for v in values:
+        last = weight * last + (1 - weight) * v
+        out.append(last)
+    return out

@@ -1,0 +1,63 @@
+"""`make bench`: run every benchmark, write bench/results/NAME.json, print a table, refresh the README's.
+
+Ratios are measured in one run on the same machine (the machine is shared and noisy).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+README = HERE.parent / "README.md"
+BENCHES = ["sft_throughput"]
+
+
+def table(results: dict[str, dict]) -> str:
+    lines = ["| benchmark | measure | ftl | baseline | ratio | goal |", "|---|---|---|---|---|---|"]
+    if "sft_throughput" in results:
+        r = results["sft_throughput"]
+        ftl, trl = r["ftl"], r["trl_sfttrainer_defaults"]
+        lines.append(f"| SFT throughput ({r['model_params'] / 1e6:.1f}M Llama, chatterbot chat, bf16 autocast, "
+                     f"{r['steps']} steps) | real tokens/s | {ftl['tokens_per_s']:.0f} (packed) | "
+                     f"{trl['tokens_per_s']:.0f} (TRL SFTTrainer defaults) | {r['speedup']:.2f}x | >= 2x |")
+        lines.append(f"| SFT model-FLOPs utilisation | 6·N·tokens/s ÷ bf16 matmul peak "
+                     f"({r['matmul_peak_gflops']['bf16']:.0f} GFLOP/s) | {100 * ftl['mfu_vs_bf16_peak']:.1f}% | "
+                     f"{100 * trl['mfu_vs_bf16_peak']:.1f}% | | |")
+    return "\n".join(lines)
+
+
+def update_readme(text: str) -> None:
+    if not README.exists():
+        return
+    body = README.read_text()
+    new = re.sub(r"(<!-- bench:start -->\n).*?(<!-- bench:end -->)", lambda m: m.group(1) + text + "\n" + m.group(2),
+                 body, flags=re.S)
+    README.write_text(new)
+
+
+def main(names: list[str]) -> None:
+    sys.path.insert(0, str(HERE))
+    RESULTS.mkdir(exist_ok=True)
+    results = {}
+    for name in names or BENCHES:
+        started = time.time()
+        print(f"bench: {name} ...", flush=True)
+        result = importlib.import_module(name).main()
+        result["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        result["wall_seconds"] = round(time.time() - started, 1)
+        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
+    for path in sorted(RESULTS.glob("*.json")):
+        results[path.stem] = json.loads(path.read_text())
+    text = table(results)
+    print(text)
+    update_readme(text)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
