@@ -19,7 +19,7 @@ from ftl.errors import DataError
 from ftl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ftl.train.signals import StopRequest
 
-LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]  # (mean loss, tokens counted)
+LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]  # (mean loss, targets counted)
 
 
 @dataclass
@@ -94,12 +94,13 @@ def fit(*, accelerator, model, cfg: TrainConfig, features: list[dict], collate: 
     bar = _progress(total, step, enabled=progress and accelerator.is_main_process)
     model.train()
     while step < total:
-        started, losses, tokens = time.perf_counter(), [], 0
+        started, losses, tokens, targets = time.perf_counter(), [], 0, 0
         for _ in range(cfg.grad_accum):
             epoch, indices = next(batches)
-            batch = {k: v.to(accelerator.device) for k, v in collate([features[i] for i in indices]).items()}
+            rows = [features[i] for i in indices]
+            batch = {k: v.to(accelerator.device) for k, v in collate(rows).items()}
             with accelerator.accumulate(model):
-                loss, n_tokens = loss_fn(model, batch)
+                loss, n_targets = loss_fn(model, batch)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.grad_clip:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -108,12 +109,15 @@ def fit(*, accelerator, model, cfg: TrainConfig, features: list[dict], collate: 
                     scheduler.step()
                 optimizer.zero_grad()
             losses.append(loss.detach().float())
-            tokens += n_tokens
+            tokens += sum(len(r["input_ids"]) for r in rows)  # real tokens, padding excluded
+            targets += n_targets
         step += 1
-        stats = torch.tensor([torch.stack(losses).mean().item(), float(tokens)], device=accelerator.device)
+        stats = torch.tensor([torch.stack(losses).mean().item(), float(tokens), float(targets)],
+                             device=accelerator.device)
         stats = accelerator.reduce(stats, reduction="sum") if accelerator.num_processes > 1 else stats
         record = {"step": step, "epoch": epoch, "loss": stats[0].item() / accelerator.num_processes,
                   "lr": scheduler.get_last_lr()[0], "tokens": int(stats[1].item()),
+                  "trained_tokens": int(stats[2].item()),
                   "step_time": time.perf_counter() - started}
         if step % cfg.log_every == 0 or step == total:
             log(record)
