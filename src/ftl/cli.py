@@ -6,7 +6,7 @@ import argparse
 import subprocess
 import sys
 
-from ftl.errors import FtlError
+from ftl.errors import FtlError, LaunchError
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,7 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(launch)
     launch.add_argument("--resume", action="store_true")
     launch.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
+    launch.add_argument("--force", action="store_true", help="launch even when the plan says it cannot fit")
     launch.set_defaults(handler=cmd_launch)
+
+    plan = sub.add_parser("plan", help="print the launch command and a per-device memory estimate")
+    _recipe_args(plan)
+    plan.set_defaults(handler=cmd_plan)
 
     ev = sub.add_parser("eval", help="evaluate a run directory or a model folder")
     ev.add_argument("target", help="run directory (from ftl run) or a model folder")
@@ -60,7 +65,13 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
 def cmd_run(args) -> int:
     from ftl.runner import run_recipe
 
+    import os
+
     result = run_recipe(args.recipe, args.profile, args.overrides, resume=args.resume)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        from ftl.stages.session import exit_cleanly
+
+        exit_cleanly(0)  # DeepSpeed ranks sporadically SIGABRT during interpreter teardown
     return 0 if result is not None else 1
 
 
@@ -68,13 +79,31 @@ def cmd_launch(args) -> int:
     from ftl.config import load_recipe
     from ftl.launch.command import build_launch_command, runnable
 
+    from ftl.plan import make_plan, render_plan
+
     recipe = load_recipe(args.recipe, args.profile, args.overrides)
     command = build_launch_command(recipe, args.recipe, args.overrides, resume=args.resume)
+    plan = make_plan(recipe)
+    print(render_plan(plan).split("\n\n")[0], flush=True)
+    if not plan.fits and not args.force:
+        raise LaunchError("the plan does not fit the profile's device memory (see above); choose a higher "
+                          "ZeRO stage, offload, LoRA/QLoRA or more devices — or pass --force")
     print(f"ftl: launch command:\n  {command.shell()}", flush=True)
     if args.dry_run:
         return 0
     argv, env = runnable(command)
     return subprocess.run(argv, env=env).returncode
+
+
+def cmd_plan(args) -> int:
+    from ftl.config import load_recipe
+    from ftl.launch.command import build_launch_command
+    from ftl.plan import make_plan, render_plan
+
+    recipe = load_recipe(args.recipe, args.profile, args.overrides)
+    command = build_launch_command(recipe, args.recipe, args.overrides)
+    print(render_plan(make_plan(recipe, [command.shell()])))
+    return 0
 
 
 def cmd_eval(args) -> int:

@@ -42,6 +42,9 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     gradient_checkpointing: bool = False
+    architecture: Optional[dict[str, Any]] = Field(
+        None, description="model config fields (model_type, hidden_size, ...) for `ftl plan` when the "
+                          "model folder is not on this machine")
 
     @model_validator(mode="after")
     def _path_given(self):
@@ -150,6 +153,7 @@ class TrackConfig(Section):
 class LaunchConfig(Section):
     launcher: Literal["python", "accelerate", "torchrun", "deepspeed"] = "accelerate"
     config_file: Optional[str] = Field(None, description="accelerate config under launch/")
+    deepspeed: Optional[str] = Field(None, description="DeepSpeed JSON under launch/ (ZeRO stage, offload)")
     num_processes: int = Field(1, gt=0, description="processes (devices) per machine")
     num_machines: int = Field(1, gt=0)
     device: Literal["cpu", "cuda"] = "cpu"

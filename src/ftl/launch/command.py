@@ -49,7 +49,11 @@ def build_launch_command(recipe: Recipe, recipe_path: str, overrides: list[str] 
         return LaunchCommand(["torchrun", f"--nproc_per_node={launch.num_processes}",
                               f"--nnodes={launch.num_machines}",
                               f"--master_port={launch.main_process_port}"] + run_args, env)
-    raise LaunchError(f"launch.launcher '{launch.launcher}' is not supported by `ftl launch` yet")
+    if launch.launcher == "deepspeed":  # --no_local_rank: ftl reads LOCAL_RANK from the environment
+        return LaunchCommand(["deepspeed", f"--num_gpus={launch.num_processes}", f"--num_nodes={launch.num_machines}",
+                              f"--master_port={launch.main_process_port}", "--no_local_rank", "--module"]
+                             + run_args[1:], env)
+    raise LaunchError(f"launch.launcher '{launch.launcher}' is not supported")
 
 
 def accelerate_argv(recipe: Recipe) -> list[str]:
@@ -64,8 +68,9 @@ def accelerate_argv(recipe: Recipe) -> list[str]:
         # `--cpu --num_processes 2` silently starts ONE process; --multi_gpu starts them all and
         # ftl picks gloo on CPU itself.
         argv.append("--multi_gpu")
-    argv += ["--mixed_precision", {"fp32": "no"}.get(recipe.train.precision, recipe.train.precision),
-             "--dynamo_backend", "no", "--num_processes", str(total), "--num_machines", str(launch.num_machines),
+    if not launch.deepspeed:  # with DeepSpeed, precision lives in the JSON ("auto" ← train.precision)
+        argv += ["--mixed_precision", {"fp32": "no"}.get(recipe.train.precision, recipe.train.precision)]
+    argv += ["--dynamo_backend", "no", "--num_processes", str(total), "--num_machines", str(launch.num_machines),
              "--main_process_port", str(launch.main_process_port)]
     if launch.num_machines == 1:
         argv += ["--machine_rank", "0"]
@@ -77,6 +82,8 @@ def runnable(command: LaunchCommand) -> tuple[list[str], dict[str, str]]:
     argv = list(command.argv)
     if argv[0] == "accelerate":
         argv = [sys.executable, "-m", "accelerate.commands.launch"] + argv[2:]
+    elif argv[0] == "deepspeed":
+        argv = [sys.executable, "-m", "deepspeed.launcher.runner"] + argv[1:]
     elif argv[0] == "torchrun":
         argv = [sys.executable, "-m", "torch.distributed.run"] + argv[1:]
     elif argv[0] == "python":

@@ -16,7 +16,8 @@ def apply_method(model, cfg: MethodConfig):
 
 
 def trainable_summary(model) -> dict:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    count = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731 - ZeRO-3 shards report 0 locally
+    trainable = sum(count(p) for p in model.parameters() if p.requires_grad)
+    total = sum(count(p) for p in model.parameters())
     return {"trainable_params": trainable, "total_params": total,
             "trainable_share": trainable / total if total else 0.0}

@@ -34,7 +34,7 @@ class RunSession:
         from accelerate.utils import set_seed
 
         self.recipe, self.run_dir, self.resume = recipe, run_dir, resume
-        self.accelerator = make_accelerator(recipe.train.precision, recipe.train.grad_accum)
+        self.accelerator = make_accelerator(recipe.train, recipe.launch)
         self.main = self.accelerator.is_main_process
         set_seed(recipe.train.seed)
         checkpoint = latest_checkpoint(run_dir) if resume else None

@@ -17,6 +17,7 @@ import torch
 from ftl.config.schema import TrainConfig
 from ftl.errors import DataError
 from ftl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ftl.train.distributed import offloads_optimizer
 from ftl.train.signals import StopRequest
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]  # (mean loss, targets counted)
@@ -30,8 +31,15 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
 
 
-def build_optimizer(model, cfg: TrainConfig, param_groups=None):
+def build_optimizer(model, cfg: TrainConfig, param_groups=None, offloaded: bool = False):
     params = param_groups or [p for p in model.parameters() if p.requires_grad]
+    if offloaded:  # ZeRO-Offload steps on the CPU with DeepSpeed's own Adam (compiled once, cached)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        if cfg.optimizer != "adamw":
+            raise ValueError("optimizer offload supports train.optimizer 'adamw' only")
+        return DeepSpeedCPUAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
+                                adamw_mode=True)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
@@ -72,7 +80,7 @@ def fit(*, accelerator, model, cfg: TrainConfig, features: list[dict], collate: 
         evaluate: Optional[Callable[[torch.nn.Module], dict]] = None, eval_every: Optional[int] = None,
         param_groups=None, progress: bool = True) -> tuple[torch.nn.Module, FitResult]:
     total = total_optimizer_steps(cfg, len(features), accelerator.num_processes)
-    optimizer = build_optimizer(model, cfg, param_groups)
+    optimizer = build_optimizer(model, cfg, param_groups, offloaded=offloads_optimizer(accelerator))
     scheduler = build_scheduler(optimizer, cfg, total)
     model, optimizer = accelerator.prepare(model, optimizer)
     # Not prepared: accelerate would step it once per process, and our step count already
