@@ -59,6 +59,12 @@ def make_accelerator(train: TrainConfig, launch: LaunchConfig):
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs
 
+    launched, planned = expected_world_size(), launch.num_processes * launch.num_machines
+    if launched != planned:
+        raise LaunchError(f"the recipe's launch settings ask for {planned} processes "
+                          f"({launch.num_machines} x {launch.num_processes}) but this run has {launched}: "
+                          "start it with `ftl launch` (note: `accelerate launch --cpu` starts one process), "
+                          "or override launch.num_processes")
     kwargs = {"mixed_precision": PRECISION[train.precision], "gradient_accumulation_steps": train.grad_accum}
     on_cpu = not torch.cuda.is_available()
     ds_path = deepspeed_json_path(launch)
@@ -74,15 +80,9 @@ def make_accelerator(train: TrainConfig, launch: LaunchConfig):
     elif on_cpu:  # a plain Accelerator() reports one process per rank on CPU: gradients never sync
         kwargs["cpu"] = True
     accelerator = Accelerator(**kwargs)
-    launched, planned = expected_world_size(), launch.num_processes * launch.num_machines
     if accelerator.num_processes != launched:
         raise LaunchError(f"launched with WORLD_SIZE={launched} but accelerate formed a group of "
                           f"{accelerator.num_processes}: gradients would not synchronise")
-    if accelerator.num_processes != planned:
-        raise LaunchError(f"the recipe's launch settings ask for {planned} processes "
-                          f"({launch.num_machines} x {launch.num_processes}) but this run has "
-                          f"{accelerator.num_processes}: start it with `ftl launch` (note: `accelerate launch "
-                          "--cpu` starts one process), or override launch.num_processes")
     if ds_path and accelerator.distributed_type != DistributedType.DEEPSPEED:
         raise LaunchError(f"the recipe asks for DeepSpeed ({ds_path}) but accelerate set up "
                           f"{accelerator.distributed_type}: refusing to train without it")
