@@ -87,9 +87,9 @@ def estimate(shape: ModelShape, s: Setup) -> Estimate:
         e.fp32_grad_copy = 4 * trainable / shard
     if s.stage == 3:
         e.gather_buffer = 4 * shape.largest_layer
-    if s.offload_optimizer:
-        e.host += e.master + e.optimizer + e.fp32_grad_copy
-        e.master = e.optimizer = e.fp32_grad_copy = 0.0
+    if s.offload_optimizer:  # ZeRO-Offload keeps gradient partitions in (pinned) host memory too
+        e.host += e.grads + e.master + e.optimizer + e.fp32_grad_copy
+        e.grads = e.master = e.optimizer = e.fp32_grad_copy = 0.0
     if s.offload_params:
         e.host += e.params
         e.params = 0.0
