@@ -15,7 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 README = HERE.parent / "README.md"
-BENCHES = ["sft_throughput"]
+BENCHES = ["sft_throughput", "zero3_memory"]
 
 
 def table(results: dict[str, dict]) -> str:
@@ -30,6 +30,15 @@ def table(results: dict[str, dict]) -> str:
         lines.append(f"| SFT model-FLOPs utilisation | 6·N·tokens/s ÷ bf16 matmul peak "
                      f"({r['matmul_peak_gflops']['bf16']:.0f} GFLOP/s) | {100 * ftl['mfu_vs_bf16_peak']:.1f}% | "
                      f"{100 * trl['mfu_vs_bf16_peak']:.1f}% | | |")
+    if "zero3_memory" in results:
+        r = results["zero3_memory"]
+        one, two = r["one_rank"]["measured_bytes_per_rank"][0], max(r["two_ranks"]["measured_bytes_per_rank"])
+        lines.append(f"| ZeRO-3 model states per rank ({r['two_ranks']['param_numel_full'] / 1e6:.1f}M params, "
+                     f"fp32 AdamW, measured from the engine) | bytes per rank, 2 ranks vs 1 | {two / 2**20:.1f} MiB "
+                     f"(2 ranks) | {one / 2**20:.1f} MiB (1 rank) | {r['per_rank_ratio_2_vs_1']:.4f} "
+                     f"({100 * r['ratio_error_vs_half']:.2f}% off 1/2) | within 5% of 1/2 |")
+        lines.append(f"| `ftl plan` vs measured model states | max relative error over 1 and 2 ranks | "
+                     f"{100 * r['max_plan_error']:.2f}% | | | <= 10% |")
     return "\n".join(lines)
 
 

@@ -172,3 +172,17 @@ def test_a_launch_that_would_drop_deepspeed_or_ranks_fails_loudly(workdir):
     assert cpu_flag.returncode != 0
     assert "LaunchError" in cpu_flag.stderr or "ftl: error" in cpu_flag.stderr
     assert not (workdir / "refused" / "final").exists()
+
+
+def test_plan_matches_the_memory_measured_on_each_rank(adam_run):
+    from ftl.config import load_recipe
+    from ftl.plan import make_plan
+
+    recipe = load_recipe(adam_run / "recipe.yaml")
+    planned = make_plan(recipe).chosen
+    assert planned.gather_buffer > 0  # ZeRO-3 working buffer counted separately
+    for check in json.loads((adam_run / "manifest.json").read_text())["rank_checks"]:
+        measured = check["zero"]
+        assert measured["model_state_bytes"] == pytest.approx(planned.model_states, rel=0.10)
+        assert measured["param_bytes"] == pytest.approx(planned.params, rel=0.10)
+        assert measured["optimizer_state_bytes"] == pytest.approx(planned.optimizer, rel=0.10)
