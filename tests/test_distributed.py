@@ -10,7 +10,7 @@ def test_dry_run_prints_the_accelerate_command(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", recipe)
     proc = run_ftl("launch", str(path), "--dry-run", "train.lr=0.001", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    line = proc.stdout.splitlines()[1]
+    line = proc.stdout.split("ftl: launch command:\n")[1].splitlines()[0]
     assert "accelerate launch --multi_gpu" in line and "--num_processes 2" in line
     assert "--main_process_port 29911" in line and "--cpu" not in line
     assert line.endswith(f"-m ftl run {path} train.lr=0.001")
