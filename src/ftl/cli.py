@@ -1,4 +1,4 @@
-"""`ftl run | launch | eval`: the command line. Errors from bad input print one clear line, no traceback."""
+"""`ftl run | launch | plan | merge | eval`: the command line. Errors from bad input print one clear line, no traceback."""
 
 from __future__ import annotations
 
@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="print the launch command and a per-device memory estimate")
     _recipe_args(plan)
     plan.set_defaults(handler=cmd_plan)
+
+    merge = sub.add_parser("merge", help="merge a run's LoRA/DoRA/QLoRA adapter into its base model")
+    merge.add_argument("run_dir")
+    merge.add_argument("--out", default=None, help="output folder (default: RUN_DIR/merged)")
+    merge.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                       help="dtype of the merged model (default: the base's compute dtype)")
+    merge.set_defaults(handler=cmd_merge)
 
     ev = sub.add_parser("eval", help="evaluate a run directory or a model folder")
     ev.add_argument("target", help="run directory (from ftl run) or a model folder")
@@ -103,6 +110,14 @@ def cmd_plan(args) -> int:
     recipe = load_recipe(args.recipe, args.profile, args.overrides)
     command = build_launch_command(recipe, args.recipe, args.overrides)
     print(render_plan(make_plan(recipe, [command.shell()])))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from ftl.models.merge import merge_run
+
+    target = merge_run(args.run_dir, args.out, args.dtype)
+    print(f"ftl: merged model saved to {target}")
     return 0
 
 

@@ -60,9 +60,51 @@ class LoraOptions(Section):
     target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
 
 
+class QuantOptions(Section):
+    """bitsandbytes quantisation of the frozen base (qlora: 4-bit, lora8bit: 8-bit)."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class PromptOptions(Section):
+    """Prefix tuning, prompt tuning and P-tuning: learned virtual tokens."""
+
+    num_virtual_tokens: int = Field(8, gt=0)
+    encoder_hidden_size: int = Field(64, gt=0, description="P-tuning prompt-encoder width")
+
+
+class IA3Options(Section):
+    target_modules: list[str] = ["k_proj", "v_proj", "down_proj"]
+    feedforward_modules: list[str] = ["down_proj"]
+
+
+class LlamaAdapterOptions(Section):
+    adapter_len: int = Field(4, gt=0)
+    adapter_layers: int = Field(1, gt=0, description="top layers that get adaption prompts")
+
+
+class AdapterOptions(Section):
+    """Bottleneck (Houlsby) adapter after attention and/or MLP of every decoder layer."""
+
+    bottleneck: int = Field(16, gt=0)
+    activation: Literal["gelu", "relu", "silu", "tanh"] = "gelu"
+    positions: list[Literal["attention", "mlp"]] = ["attention", "mlp"]
+
+
+METHOD_KINDS = ("full", "lora", "dora", "qlora", "lora8bit", "prefix", "prompt", "ptuning", "ia3",
+                "llama_adapter", "adapter")
+
+
 class MethodConfig(Section):
-    kind: Literal["full", "lora"] = "full"
+    kind: Literal[METHOD_KINDS] = "full"
     lora: LoraOptions = LoraOptions()
+    quant: QuantOptions = QuantOptions()
+    prompt: PromptOptions = PromptOptions()
+    ia3: IA3Options = IA3Options()
+    llama_adapter: LlamaAdapterOptions = LlamaAdapterOptions()
+    adapter: AdapterOptions = AdapterOptions()
 
 
 class SourceConfig(Section):
@@ -106,7 +148,7 @@ class DataConfig(Section):
 class TrainConfig(Section):
     seed: int = 0
     lr: float = Field(2e-5, gt=0)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "sgd", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw"
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     scheduler: Literal["constant", "linear", "cosine"] = "linear"

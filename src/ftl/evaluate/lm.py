@@ -13,7 +13,9 @@ from ftl.data.tokenize import IGNORE
 
 def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position loss of predicting labels[t+1] from tokens ≤ t, and the mask of counted positions."""
-    logits = model(**model_inputs(batch)).logits[:, :-1].float()
+    length = batch["input_ids"].shape[1]
+    # prompt tuning / P-tuning prepend virtual tokens: score only the real positions
+    logits = model(**model_inputs(batch)).logits[:, -length:][:, :-1].float()
     targets = batch["labels"][:, 1:]
     losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                              ignore_index=IGNORE, reduction="none").view_as(targets)

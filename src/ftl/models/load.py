@@ -42,18 +42,41 @@ def load_tokenizer(cfg: ModelConfig, texts: Iterable[str] = (), saved: Optional[
     return tokenizer
 
 
-def load_causal_lm(cfg: ModelConfig, tokenizer, seed: int):
+def base_model_dir(cfg: ModelConfig, tokenizer, seed: int, run_dir: Path) -> Path:
+    """The folder the base model loads from. The tiny model is built once and saved in the run
+    directory, so quantised loading, resume, evaluation and merge all start from the same weights."""
+    if cfg.source != "tiny":
+        return pretrained_dir(cfg)
+    target = run_dir / "base"
+    if not (target / "config.json").exists():
+        import os
+        import shutil
+
+        from ftl.models.tiny import build_tiny_model
+
+        partial = run_dir / "base.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        build_tiny_model(cfg.tiny, tokenizer, seed, cfg.attn_implementation).save_pretrained(partial)
+        os.replace(partial, target)
+    return target
+
+
+def load_causal_lm(cfg: ModelConfig, base_dir: Path, quant_bits: Optional[int] = None, quant_options=None):
+    """Load the base from its folder: in the recipe's dtype, or quantised by bitsandbytes."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    if cfg.source == "tiny":
-        from ftl.models.tiny import build_tiny_model
-        model = build_tiny_model(cfg.tiny, tokenizer, seed, cfg.attn_implementation)
-        model.to(getattr(torch, DTYPES[cfg.dtype]))
-    else:
-        model = AutoModelForCausalLM.from_pretrained(
-            pretrained_dir(cfg), dtype=getattr(torch, DTYPES[cfg.dtype]),
-            attn_implementation=cfg.attn_implementation)
+    from ftl.models.quantize import bnb_config, guard_cpu_4bit_gradients
+
+    kwargs = {"dtype": getattr(torch, DTYPES[cfg.dtype]), "attn_implementation": cfg.attn_implementation}
+    if quant_bits:
+        kwargs["quantization_config"] = bnb_config(quant_bits, quant_options)
+        kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+        if quant_bits == 4:
+            kwargs["dtype"] = getattr(torch, DTYPES[quant_options.compute_dtype])
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    if quant_bits == 4:
+        guard_cpu_4bit_gradients(model)
     model.config.use_cache = False  # training and packed evaluation must not use a KV cache
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -11,21 +11,30 @@ from ftl.errors import FtlError
 
 def load_trained_causal_lm(run_dir: Path):
     """(model, tokenizer, recipe) from a finished run directory, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     final = Path(run_dir) / layout.FINAL_DIR
     if not final.is_dir():
         raise FtlError(f"{run_dir}: no '{layout.FINAL_DIR}' model (has the run finished?)")
     recipe = load_recipe(Path(run_dir) / layout.RECIPE_FILE)
     tokenizer = AutoTokenizer.from_pretrained(final)
-    if (final / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        from ftl.models.load import load_causal_lm
-
-        base = load_causal_lm(recipe.model, tokenizer, recipe.train.seed)
-        model = PeftModel.from_pretrained(base, final)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(final)
+    model = load_trained_model(recipe, Path(run_dir), tokenizer)
     model.config.use_cache = False
     return model.eval(), tokenizer, recipe
+
+
+def load_trained_model(recipe, run_dir: Path, tokenizer, quantised_base: bool = True):
+    """The run's final model; for adapter methods the base (quantised as trained, unless told not to)
+    with the adapter loaded on top."""
+    from transformers import AutoModelForCausalLM
+
+    from ftl.methods import QUANT_BITS, load_trained
+    from ftl.models.load import base_model_dir, load_causal_lm
+
+    final = run_dir / layout.FINAL_DIR
+    if recipe.method.kind == "full":
+        return AutoModelForCausalLM.from_pretrained(final)
+    bits = QUANT_BITS.get(recipe.method.kind) if quantised_base else None
+    base = load_causal_lm(recipe.model, base_model_dir(recipe.model, tokenizer, recipe.train.seed, run_dir),
+                          bits, recipe.method.quant)
+    return load_trained(base, final, recipe.method)

@@ -18,8 +18,8 @@ from ftl.config import save_resolved
 from ftl.config.schema import Recipe
 from ftl.data import load_splits
 from ftl.evaluate.report import write_report
-from ftl.methods import apply_method, trainable_summary
-from ftl.models.load import load_tokenizer, record_texts
+from ftl.methods import apply_method, save_trained, trainable_summary
+from ftl.models.load import base_model_dir, load_tokenizer, record_texts
 from ftl.track.manifest import update_manifest, write_manifest
 from ftl.track.metrics import MetricsLog
 from ftl.track.plot import plot_curves
@@ -42,7 +42,7 @@ class RunSession:
         if self.main:
             if not resume and (run_dir / layout.METRICS_FILE).exists():
                 # A fresh run in a used directory: start clean rather than mix two runs' files.
-                for name in ("checkpoints", layout.FINAL_DIR, layout.TOKENIZER_DIR, "wandb"):
+                for name in ("checkpoints", layout.FINAL_DIR, layout.TOKENIZER_DIR, "base", "wandb"):
                     shutil.rmtree(run_dir / name, ignore_errors=True)
             run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved(recipe, run_dir / layout.RECIPE_FILE)
@@ -74,8 +74,12 @@ class RunSession:
                 tokenizer.save_pretrained(saved)
         return tokenizer
 
-    def apply_method(self, model):
-        model = apply_method(model, self.recipe.method)
+    def base_dir(self, tokenizer) -> Path:
+        with self.accelerator.main_process_first():
+            return base_model_dir(self.recipe.model, tokenizer, self.recipe.train.seed, self.run_dir)
+
+    def apply_method(self, model, task_type: str = "CAUSAL_LM"):
+        model = apply_method(model, self.recipe.method, self.recipe.model.gradient_checkpointing, task_type)
         summary = trainable_summary(model)
         self.manifest_fields["trainable"] = summary
         self.accelerator.print(f"ftl: method {self.recipe.method.kind}: {summary['trainable_params']:,} of "
@@ -116,7 +120,7 @@ class RunSession:
         checks = rank_checks(acc, model)
         if len({c["param_digest"] for c in checks}) > 1 and not is_sharded(acc):
             acc.print(f"ftl: WARNING: ranks ended with different weights: {checks}")
-        save_final_model(acc, model, tokenizer, self.run_dir / layout.FINAL_DIR)
+        save_final_model(acc, model, tokenizer, self.run_dir / layout.FINAL_DIR, self.recipe.method)
         if self.main:
             results = {}
             before_path = self.run_dir / BEFORE_FILE
@@ -142,13 +146,13 @@ class RunSession:
         return summary
 
 
-def save_final_model(accelerator, model, tokenizer, target: Path) -> None:
-    """A normal save_pretrained folder (adapter only for PEFT), written atomically."""
+def save_final_model(accelerator, model, tokenizer, target: Path, method) -> None:
+    """A normal save_pretrained folder (the adapter alone for adapter methods), written atomically."""
     state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards on every rank
     if accelerator.is_main_process:
         tmp = target.with_name(target.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
+        save_trained(accelerator.unwrap_model(model), state_dict, tmp, method)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)

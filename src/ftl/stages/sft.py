@@ -10,6 +10,7 @@ from ftl.data.packing import collate, pack_sequences
 from ftl.data.tokenize import IGNORE, encode_record, generation_prompt
 from ftl.evaluate.lm import causal_lm_loss, lm_loss
 from ftl.evaluate.generate import generate_samples
+from ftl.methods import PACKING_INCOMPATIBLE, QUANT_BITS
 from ftl.models.load import load_causal_lm
 from ftl.stages.session import RunSession
 from ftl.train.loop import fit
@@ -37,10 +38,16 @@ def run_sft(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
 
     train = encode_all(tokenizer, splits.train, recipe)
     validation = encode_all(tokenizer, splits.validation[: recipe.eval.max_examples], recipe)
-    train_rows = pack_sequences(train, recipe.data.max_length) if recipe.data.packing else train
-    session.note_data(examples=len(train), rows=len(train_rows), packed=recipe.data.packing)
+    packing = recipe.data.packing and recipe.method.kind not in PACKING_INCOMPATIBLE
+    if recipe.data.packing and not packing and acc.is_main_process:
+        print(f"ftl: method {recipe.method.kind} puts virtual tokens at the start of each row: "
+              "training without packing", flush=True)
+    train_rows = pack_sequences(train, recipe.data.max_length) if packing else train
+    session.note_data(examples=len(train), rows=len(train_rows), packed=packing)
 
-    model = session.apply_method(load_causal_lm(recipe.model, tokenizer, recipe.train.seed))
+    base = load_causal_lm(recipe.model, session.base_dir(tokenizer), QUANT_BITS.get(recipe.method.kind),
+                          recipe.method.quant)
+    model = session.apply_method(base)
     prompts = sample_prompts(tokenizer, recipe, splits.validation)
 
     def evaluate(m, with_samples=False) -> dict:

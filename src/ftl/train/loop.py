@@ -23,6 +23,9 @@ from ftl.train.signals import StopRequest
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]  # (mean loss, targets counted)
 
 
+BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw_8bit": "PagedAdamW8bit"}
+
+
 @dataclass
 class FitResult:
     steps: int
@@ -40,6 +43,11 @@ def build_optimizer(model, cfg: TrainConfig, param_groups=None, offloaded: bool 
             raise ValueError("optimizer offload supports train.optimizer 'adamw' only")
         return DeepSpeedCPUAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
                                 adamw_mode=True)
+    if cfg.optimizer in BNB_OPTIMIZERS:  # 8-bit / paged optimizers (paged ones fall back to unpaged on CPU)
+        import bitsandbytes as bnb
+
+        return getattr(bnb.optim, BNB_OPTIMIZERS[cfg.optimizer])(
+            params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))

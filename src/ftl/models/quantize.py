@@ -1,0 +1,59 @@
+"""bitsandbytes 4-bit (NF4, double quantisation) and 8-bit loading, and the CPU 4-bit gradient guard."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def bnb_config(bits: Optional[int], options):
+    if bits is None:
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=options.quant_type,
+                              bnb_4bit_use_double_quant=options.double_quant,
+                              bnb_4bit_compute_dtype=getattr(torch, DTYPES[options.compute_dtype]))
+
+
+def guard_cpu_4bit_gradients(model) -> int:
+    """Keep 4-bit layers on the autograd-capable CPU path.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for inference on the first eval-mode
+    no-grad forward; backward then runs through `gemv_4bit`, which has no autograd kernel, and LoRA
+    gradients come out 58-70% wrong with only a warning. Turning the fast path off keeps them exact.
+    Returns the number of layers guarded.
+    """
+    import bitsandbytes as bnb
+
+    guarded = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            guarded += 1
+    return guarded
+
+
+def weight_bytes(model) -> int:
+    """Bytes of all parameters and buffers as stored (4-bit weights count their packed bytes)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    for module in model.modules():  # quantisation constants live outside parameters
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            total += sum(t.numel() * t.element_size() for t in _state_tensors(state))
+    return total
+
+
+def _state_tensors(state):
+    for name in ("absmax", "code"):
+        value = getattr(state, name, None)
+        if value is not None:
+            yield value
+    nested = getattr(state, "state2", None)
+    if nested is not None:
+        yield from _state_tensors(nested)
