@@ -15,7 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 README = HERE.parent / "README.md"
-BENCHES = ["sft_throughput", "zero3_memory"]
+BENCHES = ["sft_throughput", "zero3_memory", "peft_memory"]
 
 
 def table(results: dict[str, dict]) -> str:
@@ -39,6 +39,24 @@ def table(results: dict[str, dict]) -> str:
                      f"({100 * r['ratio_error_vs_half']:.2f}% off 1/2) | within 5% of 1/2 |")
         lines.append(f"| `ftl plan` vs measured model states | max relative error over 1 and 2 ranks | "
                      f"{100 * r['max_plan_error']:.2f}% | | | <= 10% |")
+    if "peft_memory" in results:
+        r = results["peft_memory"]
+        w, share = r["weights"], r["four_bit_share_of_bf16"]
+        mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
+        lines.append(f"| Weights of {r['model']} (quantised linear layers / whole model) | bytes | "
+                     f"4-bit: {mib(w['4-bit nf4']['linear_bytes'])} / {mib(w['4-bit nf4']['model_bytes'])}; "
+                     f"8-bit: {mib(w['8-bit']['linear_bytes'])} / {mib(w['8-bit']['model_bytes'])} | "
+                     f"bf16: {mib(w['bf16']['linear_bytes'])} / {mib(w['bf16']['model_bytes'])}; "
+                     f"fp32: {mib(w['fp32']['linear_bytes'])} / {mib(w['fp32']['model_bytes'])} | "
+                     f"{100 * share['quantised_linear_layers']:.1f}% / {100 * share['whole_model']:.1f}% of bf16 "
+                     f"| 4-bit <= 30% of bf16 |")
+        shares = ", ".join(f"{k} {100 * v['trainable_share']:.2f}%" for k, v in r["trainable"].items())
+        lines.append(f"| Trainable share per method ({r['model']}) | trainable / total parameters | {shares} | "
+                     f"full 100% | | |")
+        st = r["step_seconds"]
+        lines.append(f"| QLoRA step time vs bf16 LoRA ({r['model']}, 2x128 tokens, CPU) | seconds per step | "
+                     f"{st['qlora_nf4_bf16_compute']:.2f} s (QLoRA) | {st['lora_bf16']:.2f} s (bf16 LoRA) | "
+                     f"{r['qlora_vs_lora_step_time']:.2f}x | (reported) |")
     return "\n".join(lines)
 
 

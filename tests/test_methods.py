@@ -181,3 +181,27 @@ def test_qlora_gradients_match_fp32_dequantised_model_before_and_after_eval(setu
         wrong = lora_grads(unguarded, batch)
         worst = max(((wrong[n] - g).norm() / g.norm()).item() for n, g in expected.items() if g.norm() > 0)
         assert worst > 0.1, f"expected the unguarded 4-bit path to give wrong gradients, worst error {worst}"
+
+
+@pytest.mark.parametrize("kind", ["qlora", "dora"])
+def test_merged_model_matches_the_adapter_model(kind, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import ROOT, run_ftl
+    from ftl.models.trained import load_trained_causal_lm
+
+    run_dir = tmp_path / "run"
+    proc = run_ftl("run", str(ROOT / "recipes" / "qlora_single.yaml"), "--profile", "tiny", f"method.kind={kind}",
+                   "train.max_steps=8", "eval.generate.prompts=[]", "eval.generate.from_validation=0",
+                   f"track.output_dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged_proc = run_ftl("merge", str(run_dir), cwd=tmp_path)
+    assert merged_proc.returncode == 0, merged_proc.stderr[-3000:]
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged").eval()
+    config = (run_dir / "merged" / "config.json").read_text()
+    assert "quantization_config" not in config  # a plain model folder, de-quantised
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    adapter_model, tokenizer, _ = load_trained_causal_lm(run_dir)  # 4-bit base + adapter for qlora
+    ids = tokenizer(["Hello, how are you?", "What is AI?"], padding=True, return_tensors="pt")
+    batch = {"input_ids": ids.input_ids, "attention_mask": ids.attention_mask}
+    torch.testing.assert_close(logits(merged, batch), logits(adapter_model, batch), atol=1e-4, rtol=1e-4)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ftl.config.schema import MethodConfig
 from ftl.methods import bottleneck, full, lora, prompt_learning
 
@@ -26,15 +28,20 @@ def apply_method(model, cfg: MethodConfig, gradient_checkpointing: bool = False,
 
 
 def trainable_summary(model) -> dict:
-    count = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731 - ZeRO-3 shards report 0 locally
     trainable = sum(count(p) for p in model.parameters() if p.requires_grad)
     total = sum(count(p) for p in model.parameters())
     return {"trainable_params": trainable, "total_params": total,
             "trainable_share": trainable / total if total else 0.0}
 
 
-def is_peft(cfg: MethodConfig) -> bool:
-    return METHODS[cfg.kind] in (lora, prompt_learning)
+def count(param) -> int:
+    """Logical parameter count: ZeRO-3 shards report 0 locally, packed 4-bit weights half."""
+    if hasattr(param, "ds_numel"):
+        return param.ds_numel
+    state = getattr(param, "quant_state", None)
+    if state is not None and getattr(state, "shape", None) is not None:
+        return int(torch.Size(state.shape).numel())
+    return param.numel()
 
 
 def save_trained(model, state_dict: dict, target: Path, cfg: MethodConfig) -> None:

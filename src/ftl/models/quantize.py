@@ -39,13 +39,31 @@ def guard_cpu_4bit_gradients(model) -> int:
 
 
 def weight_bytes(model) -> int:
-    """Bytes of all parameters and buffers as stored (4-bit weights count their packed bytes)."""
+    """Bytes of all parameters and buffers as stored, with 4-bit constants and 8-bit row scales."""
     tensors = list(model.parameters()) + list(model.buffers())
-    total = sum(t.numel() * t.element_size() for t in tensors)
-    for module in model.modules():  # quantisation constants live outside parameters
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if state is not None:
-            total += sum(t.numel() * t.element_size() for t in _state_tensors(state))
+    return sum(t.numel() * t.element_size() for t in tensors) + sum(
+        quant_constant_bytes(getattr(m, "weight", None)) for m in model.modules())
+
+
+def linear_weight_bytes(model) -> int:
+    """Bytes of the linear layers a quantiser replaces (all but lm_head), as stored."""
+    import torch
+
+    return sum(m.weight.numel() * m.weight.element_size() + quant_constant_bytes(m.weight)
+               for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"))
+
+
+def quant_constant_bytes(weight) -> int:
+    if weight is None:
+        return 0
+    total = 0
+    state = getattr(weight, "quant_state", None)  # 4-bit: absmax (+ nested) and code book
+    if state is not None:
+        total += sum(t.numel() * t.element_size() for t in _state_tensors(state))
+    scales = getattr(weight, "SCB", None)  # 8-bit: one scale per row
+    if scales is not None:
+        total += scales.numel() * scales.element_size()
     return total
 
 

@@ -31,7 +31,7 @@ class Setup:
     deepspeed: bool
     precision: str           # fp32 | bf16 | fp16
     model_dtype: str         # float32 | bfloat16 | float16 (weights as loaded, without DeepSpeed)
-    optimizer: str           # adamw | sgd
+    optimizer: str           # adamw | sgd | adamw_8bit | paged_adamw | paged_adamw_8bit
     offload_optimizer: bool = False
     offload_params: bool = False
 
@@ -80,7 +80,8 @@ def estimate(shape: ModelShape, s: Setup) -> Estimate:
     e.grads = trainable * param_bytes / (d if s.stage >= 2 else 1)
     master = 4 * trainable if s.deepspeed else 0
     state_bytes = 4 if (s.deepspeed or param_bytes == 4) else param_bytes
-    optim = (2 * state_bytes * trainable) if s.optimizer == "adamw" else 0
+    optim = trainable * {"adamw": 2 * state_bytes, "paged_adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2,
+                         "sgd": 0}[s.optimizer]
     shard = d if s.stage >= 1 else 1
     e.master, e.optimizer = master / shard, optim / shard
     if s.deepspeed and half and s.stage >= 1:
