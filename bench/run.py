@@ -50,7 +50,7 @@ def table(results: dict[str, dict]) -> str:
                      f"fp32: {mib(w['fp32']['linear_bytes'])} / {mib(w['fp32']['model_bytes'])} | "
                      f"{100 * share['quantised_linear_layers']:.1f}% / {100 * share['whole_model']:.1f}% of bf16 "
                      f"| 4-bit <= 30% of bf16 |")
-        shares = ", ".join(f"{k} {100 * v['trainable_share']:.2f}%" for k, v in r["trainable"].items())
+        shares = ", ".join(f"{k} {100 * v['trainable_share']:.3g}%" for k, v in r["trainable"].items())
         lines.append(f"| Trainable share per method ({r['model']}) | trainable / total parameters | {shares} | "
                      f"full 100% | | |")
         st = r["step_seconds"]
