@@ -18,10 +18,10 @@ STEPS = 4
 
 def load(dtype: str, bits=None):
     from ftl.config.schema import ModelConfig, QuantOptions
-    from ftl.models.load import load_causal_lm, pretrained_dir
+    from ftl.models.load import load_model, pretrained_dir
 
     cfg = ModelConfig(source="smollm2", dtype=dtype)
-    return load_causal_lm(cfg, pretrained_dir(cfg), bits, QuantOptions(compute_dtype=dtype))
+    return load_model(cfg, pretrained_dir(cfg), bits, QuantOptions(compute_dtype=dtype))
 
 
 def step_seconds(model, batch) -> float:

@@ -74,10 +74,31 @@ def test_resolved_recipe_is_a_valid_recipe_that_loads_identically(tmp_path):
     assert resolved_dict(again) == resolved
 
 
-@pytest.mark.parametrize("path", sorted(RECIPES.rglob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(p for p in RECIPES.rglob("*.yaml") if p.name != "pipeline.yaml"),
+                         ids=lambda p: p.name)
 def test_every_shipped_recipe_and_profile_validates(path):
     profiles = yaml.safe_load(path.read_text()).get("profiles", {})
     assert "tiny" in profiles, f"{path} has no tiny profile"
     for profile in profiles:
         recipe = load_recipe(path, profile)
         assert recipe.profile == profile
+
+
+def test_shipped_pipelines_name_existing_recipes_and_earlier_stages():
+    from ftl.pipeline import load_pipeline
+
+    for path in RECIPES.rglob("pipeline.yaml"):
+        spec = load_pipeline(path)
+        for stage in spec.stages:
+            assert (path.parent / stage.recipe).exists(), stage.recipe
+            load_recipe(path.parent / stage.recipe, "tiny")
+
+
+def test_pipeline_input_from_a_later_stage_is_rejected(tmp_path):
+    from ftl.pipeline import PipelineError, load_pipeline
+
+    path = tmp_path / "p.yaml"
+    path.write_text("name: p\nstages:\n  - {name: a, recipe: a.yaml, inputs: {model.path: b}}\n"
+                    "  - {name: b, recipe: b.yaml}\n")
+    with pytest.raises(PipelineError, match="stage 'a' input model.path ← 'b': no earlier stage"):
+        load_pipeline(path)

@@ -12,7 +12,7 @@ from ftl.data import load_splits
 from ftl.data.packing import collate, pack_sequences
 from ftl.evaluate.lm import causal_lm_loss, lm_loss
 from ftl.methods import PACKING_INCOMPATIBLE, QUANT_BITS, apply_method, load_trained, save_trained, trainable_summary
-from ftl.models.load import base_model_dir, load_causal_lm, record_texts
+from ftl.models.load import base_model_dir, load_model, record_texts
 from ftl.models.tiny import train_tiny_tokenizer
 from ftl.stages.sft import encode_all
 from ftl.train.distributed import make_accelerator
@@ -49,7 +49,7 @@ def setup(tmp_path_factory):
     features = encode_all(tokenizer, records, SimpleNamespace(data=data))
     # PEFT methods start from a *pretrained* model: a random one has near-uniform logits that adapters
     # on the blocks can hardly move. Pre-train the tiny base briefly (full fine-tune), then freeze it.
-    model = load_causal_lm(model_cfg, base_model_dir(model_cfg, tokenizer, 0, tmp))
+    model = load_model(model_cfg, base_model_dir(model_cfg, tokenizer, 0, tmp))
     train = TrainConfig(lr=1e-2, max_steps=40, batch_size=4, warmup_steps=0, scheduler="constant", save_every=None)
     pad = tokenizer.pad_token_id
     model, _ = fit(accelerator=make_accelerator(train, LaunchConfig()), model=model, cfg=train,
@@ -62,7 +62,7 @@ def setup(tmp_path_factory):
 
 def load_method(setup, kind, options):
     method = MethodConfig.model_validate({"kind": kind, **options})
-    model = load_causal_lm(setup["model_cfg"], setup["base"], QUANT_BITS.get(kind), method.quant)
+    model = load_model(setup["model_cfg"], setup["base"], QUANT_BITS.get(kind), method.quant)
     return apply_method(model, method), method
 
 
@@ -113,14 +113,14 @@ def test_method_trains_keeps_frozen_weights_and_reloads_exactly(setup, kind, tmp
     save_trained(model, model.state_dict(), tmp_path / "adapter", method)
     size = sum(p.stat().st_size for p in (tmp_path / "adapter").iterdir())
     assert size < 0.5 * sum(p.stat().st_size for p in setup["base"].glob("*.safetensors"))  # small
-    fresh = load_causal_lm(setup["model_cfg"], setup["base"], QUANT_BITS.get(kind), method.quant)
+    fresh = load_model(setup["model_cfg"], setup["base"], QUANT_BITS.get(kind), method.quant)
     reloaded = load_trained(fresh, tmp_path / "adapter", method)
     torch.testing.assert_close(logits(reloaded, batch), trained, atol=1e-5, rtol=1e-5)
 
 
 def test_bottleneck_adapter_starts_as_the_identity(setup):
     batch = collate(setup["features"][:4], setup["tokenizer"].pad_token_id)
-    base = load_causal_lm(setup["model_cfg"], setup["base"])
+    base = load_model(setup["model_cfg"], setup["base"])
     reference = logits(base, batch)
     adapted, _ = load_method(setup, "adapter", {"adapter": {"bottleneck": 8, "positions": ["attention", "mlp"]}})
     assert torch.equal(logits(adapted, batch), reference)
@@ -153,7 +153,7 @@ def test_qlora_gradients_match_fp32_dequantised_model_before_and_after_eval(setu
     for name, param in quantised.named_parameters():
         if "lora_B" in name:  # B starts at zero; make A's gradients non-trivial too
             torch.nn.init.normal_(param, std=0.05)
-    reference = load_causal_lm(setup["model_cfg"], setup["base"], 4, method.quant).dequantize().float()
+    reference = load_model(setup["model_cfg"], setup["base"], 4, method.quant).dequantize().float()
     reference = apply_method(reference, method)
     reference.load_state_dict({k: v for k, v in quantised.state_dict().items() if "lora_" in k}, strict=False)
 

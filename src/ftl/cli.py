@@ -1,4 +1,4 @@
-"""`ftl run | launch | plan | merge | eval`: the command line. Errors from bad input print one clear line, no traceback."""
+"""`ftl run | launch | plan | merge | pipeline | eval`: the command line. Errors from bad input print one clear line, no traceback."""
 
 from __future__ import annotations
 
@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                        help="dtype of the merged model (default: the base's compute dtype)")
     merge.set_defaults(handler=cmd_merge)
+
+    pipe = sub.add_parser("pipeline", help="run a pipeline of stages (e.g. SFT → reward model → PPO)")
+    pipe.add_argument("pipeline", help="pipeline YAML (e.g. recipes/rlhf/pipeline.yaml)")
+    pipe.add_argument("--profile", "-p", default=None)
+    pipe.add_argument("--force", action="store_true", help="rerun stages even when unchanged and complete")
+    pipe.set_defaults(handler=cmd_pipeline)
 
     ev = sub.add_parser("eval", help="evaluate a run directory or a model folder")
     ev.add_argument("target", help="run directory (from ftl run) or a model folder")
@@ -118,6 +124,13 @@ def cmd_merge(args) -> int:
 
     target = merge_run(args.run_dir, args.out, args.dtype)
     print(f"ftl: merged model saved to {target}")
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from ftl.pipeline import run_pipeline
+
+    run_pipeline(args.pipeline, args.profile, force=args.force)
     return 0
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from ftl.config import load_recipe
 from ftl.run_dir import run_dir_for
 
-STAGES = {"sft": "ftl.stages.sft:run_sft"}
+STAGES = {"sft": "ftl.stages.sft:run_sft", "reward": "ftl.stages.reward:run_reward",
+          "ppo": "ftl.stages.ppo:run_ppo"}
 
 
 def stage_function(stage: str):

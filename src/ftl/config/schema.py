@@ -134,11 +134,25 @@ class SplitConfig(Section):
         return self
 
 
+class ShareConfig(Section):
+    """Take share `index` of `of` disjoint shares of the source (by content hash), e.g. one per RLHF stage."""
+
+    index: int = Field(0, ge=0)
+    of: int = Field(1, gt=0)
+
+    @model_validator(mode="after")
+    def _index_in_range(self):
+        if self.index >= self.of:
+            raise ValueError(f"share index {self.index} must be below 'of' ({self.of})")
+        return self
+
+
 class DataConfig(Section):
     source: SourceConfig
     format: Literal["text", "chat", "prompt_completion", "preference", "classification", "prompts"]
     on_bad_row: Literal["error", "skip"] = "error"
     split: SplitConfig = SplitConfig()
+    share: ShareConfig = ShareConfig()
     max_length: int = Field(512, gt=8, description="tokens per example (longer ones are truncated)")
     packing: bool = True
     limit: Optional[int] = Field(None, gt=0, description="use at most this many records")
@@ -204,10 +218,47 @@ class LaunchConfig(Section):
     env: dict[str, str] = {}
 
 
+class RewardSource(Section):
+    kind: Literal["model", "function"] = "model"
+    path: Optional[str] = Field(None, description="reward model folder (a reward stage's final/ or merged/)")
+    function: Optional[str] = Field(None, description="'module:function' scoring a list of response texts")
+    kwargs: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _source_given(self):
+        if self.kind == "model" and not self.path:
+            raise ValueError("reward kind 'model' needs ppo.reward.path")
+        if self.kind == "function" and not self.function:
+            raise ValueError("reward kind 'function' needs ppo.reward.function ('module:function')")
+        return self
+
+
+class PPOConfig(Section):
+    reward: RewardSource
+    value_from: Literal["reward", "policy"] = Field("reward", description="initialise the value model from")
+    rollout_batch: int = Field(8, gt=0, description="prompts per rank per iteration")
+    mini_batch: int = Field(4, gt=0)
+    ppo_epochs: int = Field(2, gt=0)
+    max_new_tokens: int = Field(24, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0)
+    kl_coef: float = Field(0.05, ge=0)
+    gamma: float = Field(1.0, gt=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip_range: float = Field(0.2, gt=0)
+    clip_range_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    whiten_advantages: bool = True
+    missing_eos_penalty: Optional[float] = Field(-1.0, description="added to the score of a response without EOS")
+
+
+STAGES = ("sft", "reward", "ppo")
+
+
 class Recipe(Section):
     name: str
     description: str = ""
-    stage: Literal["sft"] = "sft"
+    stage: Literal[STAGES] = "sft"
     profile: Optional[str] = Field(None, description="set in resolved recipes: the profile applied")
     model: ModelConfig = ModelConfig()
     method: MethodConfig = MethodConfig()
@@ -216,4 +267,15 @@ class Recipe(Section):
     eval: EvalConfig = EvalConfig()
     track: TrackConfig = TrackConfig()
     launch: LaunchConfig = LaunchConfig()
+    ppo: Optional[PPOConfig] = None
     profiles: dict[str, dict[str, Any]] = {}
+
+    @model_validator(mode="after")
+    def _stage_needs(self):
+        if self.stage == "ppo" and self.ppo is None:
+            raise ValueError("stage 'ppo' needs a 'ppo' section (at least ppo.reward)")
+        if self.stage == "reward" and self.data.format != "preference":
+            raise ValueError("stage 'reward' trains on data.format 'preference' (prompt, chosen, rejected)")
+        if self.stage == "ppo" and self.data.format not in ("prompts", "chat", "prompt_completion", "preference"):
+            raise ValueError("stage 'ppo' needs prompts: data.format prompts, chat, prompt_completion or preference")
+        return self

@@ -11,13 +11,15 @@ from itertools import islice
 from ftl.config.schema import DataConfig
 from ftl.data.records import RowReport, validate_rows
 from ftl.data.sources import read_source
-from ftl.data.splits import Splits, split_records
+from ftl.data.splits import Splits, in_share, split_records
 from ftl.errors import DataError
 
 
 def load_splits(cfg: DataConfig) -> tuple[Splits, RowReport]:
     report = RowReport()
     records = validate_rows(read_source(cfg.source, cfg.format), cfg.format, cfg.on_bad_row, report)
+    if cfg.share.of > 1:
+        records = (r for r in records if in_share(r, cfg.share.index, cfg.share.of))
     if cfg.limit:
         records = islice(records, cfg.limit)
     splits = split_records(records, cfg.split.validation, cfg.split.test, cfg.split.seed)

@@ -68,3 +68,9 @@ def split_records(records, validation: float, test: float, seed: int) -> Splits:
         else:
             splits.train.append(record)
     return splits
+
+
+def in_share(record: dict, index: int, of: int) -> bool:
+    """Disjoint shares by group key: the same question lands in the same share whatever its format
+    (a chat, a preference pair or a bare prompt), so RLHF stages never see each other's examples."""
+    return of == 1 or int(unit_interval(group_key(record), "share") * of) == index

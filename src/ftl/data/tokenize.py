@@ -80,6 +80,14 @@ def encode_record(tokenizer, record: dict, fmt: str, max_length: int, system_pro
     raise DataError(f"data.format '{fmt}' cannot be used for language-model training")
 
 
+def render_pair(tokenizer, prompt: str, response: str, system_prompt: str | None = None) -> str:
+    """A prompt and one response as the model sees a finished exchange (chat template when it has one)."""
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        return tokenizer.apply_chat_template(with_system(messages, system_prompt), tokenize=False)
+    return f"{prompt}\n{response}{tokenizer.eos_token}"
+
+
 def generation_prompt(tokenizer, record: dict, system_prompt: str | None = None) -> tuple[str, str | None]:
     """(prompt text ready for generation, reference answer) for a record."""
     if "messages" in record:

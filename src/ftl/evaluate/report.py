@@ -19,14 +19,16 @@ def write_report(out_dir: Path, results: dict[str, dict]) -> tuple[Path, Path]:
 
 def render_table(results: dict[str, dict]) -> str:
     phases = list(results)
-    keys = [k for k in SCALARS if any(k in results[p] for p in phases)]
+    extra = [k for p in phases for k, v in results[p].items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in SCALARS]
+    keys = [k for k in SCALARS if any(k in results[p] for p in phases)] + list(dict.fromkeys(extra))
     lines = ["| metric | " + " | ".join(phases) + " |", "|---" * (len(phases) + 1) + "|"]
     for key in keys:
         cells = [_fmt(results[p].get(key)) for p in phases]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     sampled = [p for p in phases if results[p].get("samples")]
     if sampled:
-        lines += ["", "## Generations (greedy)", ""]
+        lines += ["", "## Generations", ""]
         for i, first in enumerate(results[sampled[0]]["samples"]):
             lines.append(f"**Prompt {i + 1}:** {first['prompt'][-300:]!r}")
             if first.get("reference"):

@@ -61,10 +61,15 @@ def base_model_dir(cfg: ModelConfig, tokenizer, seed: int, run_dir: Path) -> Pat
     return target
 
 
-def load_causal_lm(cfg: ModelConfig, base_dir: Path, quant_bits: Optional[int] = None, quant_options=None):
-    """Load the base from its folder: in the recipe's dtype, or quantised by bitsandbytes."""
+HEADS = {"causal_lm": "AutoModelForCausalLM", "sequence_classification": "AutoModelForSequenceClassification"}
+
+
+def load_model(cfg: ModelConfig, base_dir: Path, quant_bits: Optional[int] = None, quant_options=None,
+               head: str = "causal_lm", num_labels: int = 1):
+    """Load the base from its folder, in the recipe's dtype or quantised by bitsandbytes, with a
+    language-model head or a (new or trained) `num_labels`-output classification head."""
     import torch
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     from ftl.models.quantize import bnb_config, guard_cpu_4bit_gradients
 
@@ -74,7 +79,9 @@ def load_causal_lm(cfg: ModelConfig, base_dir: Path, quant_bits: Optional[int] =
         kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
         if quant_bits == 4:
             kwargs["dtype"] = getattr(torch, DTYPES[quant_options.compute_dtype])
-    model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    if head == "sequence_classification":
+        kwargs["num_labels"] = num_labels
+    model = getattr(transformers, HEADS[head]).from_pretrained(base_dir, **kwargs)
     if quant_bits == 4:
         guard_cpu_4bit_gradients(model)
     model.config.use_cache = False  # training and packed evaluation must not use a KV cache

@@ -23,7 +23,7 @@ def merge_run(run_dir: Path, out: Optional[Path] = None, dtype: Optional[str] = 
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from ftl.models.load import base_model_dir, load_causal_lm
+    from ftl.models.load import base_model_dir, load_model
 
     run_dir = Path(run_dir)
     recipe = load_recipe(run_dir / layout.RECIPE_FILE)
@@ -34,8 +34,9 @@ def merge_run(run_dir: Path, out: Optional[Path] = None, dtype: Optional[str] = 
     final = run_dir / layout.FINAL_DIR
     tokenizer = AutoTokenizer.from_pretrained(final)
     bits = QUANT_BITS.get(kind)
-    base = load_causal_lm(recipe.model, base_model_dir(recipe.model, tokenizer, recipe.train.seed, run_dir),
-                          bits, recipe.method.quant)
+    head = "sequence_classification" if recipe.stage == "reward" else "causal_lm"
+    base = load_model(recipe.model, base_model_dir(recipe.model, tokenizer, recipe.train.seed, run_dir),
+                      bits, recipe.method.quant, head=head)
     target_dtype = getattr(torch, dtype or (recipe.method.quant.compute_dtype if bits else recipe.model.dtype))
     if bits:
         base = base.dequantize()  # the weights the adapter was trained against, now plain Linear layers

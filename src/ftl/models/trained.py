@@ -29,12 +29,12 @@ def load_trained_model(recipe, run_dir: Path, tokenizer, quantised_base: bool = 
     from transformers import AutoModelForCausalLM
 
     from ftl.methods import QUANT_BITS, load_trained
-    from ftl.models.load import base_model_dir, load_causal_lm
+    from ftl.models.load import base_model_dir, load_model
 
     final = run_dir / layout.FINAL_DIR
     if recipe.method.kind == "full":
         return AutoModelForCausalLM.from_pretrained(final)
     bits = QUANT_BITS.get(recipe.method.kind) if quantised_base else None
-    base = load_causal_lm(recipe.model, base_model_dir(recipe.model, tokenizer, recipe.train.seed, run_dir),
+    base = load_model(recipe.model, base_model_dir(recipe.model, tokenizer, recipe.train.seed, run_dir),
                           bits, recipe.method.quant)
     return load_trained(base, final, recipe.method)

@@ -11,7 +11,7 @@ from ftl.data.tokenize import IGNORE, encode_record, generation_prompt
 from ftl.evaluate.lm import causal_lm_loss, lm_loss
 from ftl.evaluate.generate import generate_samples
 from ftl.methods import PACKING_INCOMPATIBLE, QUANT_BITS
-from ftl.models.load import load_causal_lm
+from ftl.models.load import load_model
 from ftl.stages.session import RunSession
 from ftl.train.loop import fit
 
@@ -45,7 +45,7 @@ def run_sft(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     train_rows = pack_sequences(train, recipe.data.max_length) if packing else train
     session.note_data(examples=len(train), rows=len(train_rows), packed=packing)
 
-    base = load_causal_lm(recipe.model, session.base_dir(tokenizer), QUANT_BITS.get(recipe.method.kind),
+    base = load_model(recipe.model, session.base_dir(tokenizer), QUANT_BITS.get(recipe.method.kind),
                           recipe.method.quant)
     model = session.apply_method(base)
     prompts = sample_prompts(tokenizer, recipe, splits.validation)

@@ -1,4 +1,4 @@
-"""A PNG of the loss and learning-rate curves (and evaluation loss when logged)."""
+"""A PNG of the training curves: loss and learning rate (SFT, reward), or reward and KL (PPO)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from ftl.track.metrics import read_metrics
 
 def plot_curves(metrics_path: Path, out_path: Path, title: str = "") -> Path | None:
     rows = read_metrics(metrics_path)
-    train = [r for r in rows if "loss" in r]
+    main_key, side_key = ("loss", "lr") if any("loss" in r for r in rows) else ("reward", "kl")
+    train = [r for r in rows if main_key in r]
     if not train:
         return None
     import matplotlib
@@ -18,18 +19,18 @@ def plot_curves(metrics_path: Path, out_path: Path, title: str = "") -> Path | N
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.6))
-    steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
-    ax_loss.plot(steps, losses, alpha=0.35, label="train loss")
-    ax_loss.plot(steps, smooth(losses), label="train loss (EMA 0.8)")
+    steps, losses = [r["step"] for r in train], [r[main_key] for r in train]
+    ax_loss.plot(steps, losses, alpha=0.35, label=f"train {main_key}")
+    ax_loss.plot(steps, smooth(losses), label=f"train {main_key} (EMA 0.8)")
     evals = [r for r in rows if "eval/loss" in r]
     if evals:
         ax_loss.plot([r["step"] for r in evals], [r["eval/loss"] for r in evals], "o-", label="validation loss")
     ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("loss")
+    ax_loss.set_ylabel(main_key)
     ax_loss.legend()
-    ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:orange")
+    ax_lr.plot([r["step"] for r in train], [r[side_key] for r in train], color="tab:orange")
     ax_lr.set_xlabel("step")
-    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_ylabel({"lr": "learning rate", "kl": "KL to reference (nats)"}[side_key])
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)

@@ -125,7 +125,7 @@ def fit(*, accelerator, model, cfg: TrainConfig, features: list[dict], collate: 
                     scheduler.step()
                 optimizer.zero_grad()
             losses.append(loss.detach().float())
-            tokens += sum(len(r["input_ids"]) for r in rows)  # real tokens, padding excluded
+            tokens += sum(len(v) for r in rows for k, v in r.items() if k.endswith("input_ids"))  # no padding
             targets += n_targets
         step += 1
         stats = torch.tensor([torch.stack(losses).mean().item(), float(tokens), float(targets)],

@@ -1,0 +1,142 @@
+"""`ftl pipeline`: run stages in order (e.g. SFT → reward model → PPO), handing each stage's model to
+the next. A stage whose recipe and inputs are unchanged and whose output is complete is skipped; a
+failed stage stops the pipeline with its name and log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ftl import run_dir as layout
+from ftl.config import load_recipe, resolved_dict
+from ftl.errors import FtlError, RecipeError
+
+STAGE_FILE = "stage.json"
+
+
+class PipelineError(FtlError):
+    """A pipeline file is invalid or one of its stages failed."""
+
+
+class StageSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    recipe: str
+    inputs: dict[str, str] = {}        # dotted recipe key ← name of an earlier stage (its model output)
+    overrides: list[str] = []
+
+
+class PipelineSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    output_dir: str = "runs/{name}-{profile}"
+    stages: list[StageSpec]
+
+
+def load_pipeline(path: Path) -> PipelineSpec:
+    try:
+        spec = PipelineSpec.model_validate(yaml.safe_load(path.read_text()))
+    except (yaml.YAMLError, ValidationError) as err:
+        raise PipelineError(f"{path}: invalid pipeline: {err}") from None
+    seen: set[str] = set()
+    for stage in spec.stages:
+        for key, source in stage.inputs.items():
+            if source not in seen:
+                raise PipelineError(f"{path}: stage '{stage.name}' input {key} ← '{source}': no earlier stage "
+                                    f"of that name (earlier: {sorted(seen) or 'none'})")
+        seen.add(stage.name)
+    return spec
+
+
+def model_output(stage_dir: Path, method_kind: str) -> Path:
+    """Where a finished stage's usable model is: final/ (full models) or merged/ (adapters)."""
+    return stage_dir / (layout.FINAL_DIR if method_kind in ("full",) else "merged")
+
+
+def fingerprint(resolved: dict, inputs: dict[str, str]) -> str:
+    payload = json.dumps({"recipe": resolved, "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def is_complete(stage_dir: Path, expected: str) -> bool:
+    marker = stage_dir / STAGE_FILE
+    if not marker.exists():
+        return False
+    state = json.loads(marker.read_text())
+    return state.get("fingerprint") == expected and Path(state.get("output", "")).exists()
+
+
+def run_pipeline(path: str | Path, profile: Optional[str] = None, force: bool = False) -> dict:
+    from ftl.launch.command import build_launch_command, runnable
+
+    path = Path(path)
+    spec = load_pipeline(path)
+    root = Path(spec.output_dir.format(name=spec.name, profile=profile or "base"))
+    root.mkdir(parents=True, exist_ok=True)
+    outputs: dict[str, Path] = {}
+    prints: dict[str, str] = {}
+    summary = []
+    for stage in spec.stages:
+        stage_dir = root / stage.name
+        recipe_path = path.parent / stage.recipe
+        overrides = [f"track.output_dir={stage_dir}"] + list(stage.overrides) + \
+            [f"{key}={outputs[source]}" for key, source in stage.inputs.items()]
+        try:
+            recipe = load_recipe(recipe_path, profile, overrides)
+        except RecipeError as err:
+            raise PipelineError(f"stage '{stage.name}': {err}") from None
+        expected = fingerprint(resolved_dict(recipe), {k: prints[s] for k, s in stage.inputs.items()})
+        output = model_output(stage_dir, recipe.method.kind)
+        prints[stage.name], outputs[stage.name] = expected, output
+        if not force and is_complete(stage_dir, expected):
+            print(f"ftl pipeline: stage '{stage.name}' unchanged and complete: skipped ({output})", flush=True)
+            summary.append({"stage": stage.name, "status": "skipped", "output": str(output)})
+            continue
+        started = time.time()
+        command = build_launch_command(recipe, str(recipe_path), overrides)
+        print(f"ftl pipeline: stage '{stage.name}' running: {command.shell()}", flush=True)
+        log = stage_dir.parent / f"{stage.name}.log"
+        code = run_logged(runnable(command), log)
+        if code == 0 and output.name == "merged":
+            code = run_logged(([sys.executable, "-m", "ftl", "merge", str(stage_dir)], None), log, append=True)
+        if code != 0 or not output.exists():
+            tail = "".join(log.read_text(errors="replace").splitlines(True)[-15:])
+            raise PipelineError(f"stage '{stage.name}' failed (exit {code}); later stages not run. "
+                                f"Log: {log}\n{tail}")
+        (stage_dir / STAGE_FILE).write_text(json.dumps({"fingerprint": expected, "output": str(output)}))
+        summary.append({"stage": stage.name, "status": "ran", "seconds": round(time.time() - started, 1),
+                        "output": str(output)})
+    report = write_pipeline_report(root, spec, summary)
+    print(f"ftl pipeline: done; report {report}", flush=True)
+    return {"root": str(root), "stages": summary, "report": str(report)}
+
+
+def run_logged(argv_env, log: Path, append: bool = False) -> int:
+    argv, env = argv_env
+    with log.open("a" if append else "w") as out:
+        return subprocess.run(argv, env=env or os.environ, stdout=out, stderr=subprocess.STDOUT).returncode
+
+
+def write_pipeline_report(root: Path, spec: PipelineSpec, summary: list[dict]) -> Path:
+    lines = [f"# Pipeline {spec.name}", "", "| stage | status | seconds | output |", "|---|---|---|---|"]
+    for row in summary:
+        lines.append(f"| {row['stage']} | {row['status']} | {row.get('seconds', '-')} | {row['output']} |")
+    for stage in spec.stages:
+        eval_md, plot = root / stage.name / "eval.md", root / stage.name / layout.PLOT_FILE
+        if eval_md.exists():
+            lines += ["", f"## {stage.name}", "", eval_md.read_text()]
+        if plot.exists():
+            lines += [f"![{stage.name} curves]({stage.name}/{layout.PLOT_FILE})", ""]
+    report = root / "pipeline_report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report

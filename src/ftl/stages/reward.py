@@ -1,0 +1,101 @@
+"""Reward model: a one-output sequence classifier trained on preference pairs (Bradley-Terry loss).
+
+Evaluation reports pairwise accuracy (chosen scored above rejected) and the mean margin on held-out
+pairs. Works with full fine-tuning, LoRA and QLoRA (PEFT's SEQ_CLS task keeps the new head trainable).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ftl.config.schema import Recipe
+from ftl.data.tokenize import render_pair
+from ftl.methods import QUANT_BITS
+from ftl.models.load import load_model
+from ftl.models.scoring import sequence_scores
+from ftl.stages.session import RunSession
+from ftl.train.loop import fit
+
+
+def encode_pairs(tokenizer, records: list[dict], recipe: Recipe) -> list[dict]:
+    out = []
+    for r in records:
+        chosen = render_pair(tokenizer, r["prompt"], r["chosen"], recipe.data.system_prompt)
+        rejected = render_pair(tokenizer, r["prompt"], r["rejected"], recipe.data.system_prompt)
+        ids = tokenizer([chosen, rejected], add_special_tokens=False)["input_ids"]
+        out.append({"chosen_input_ids": ids[0][: recipe.data.max_length],
+                    "rejected_input_ids": ids[1][: recipe.data.max_length]})
+    return out
+
+
+def collate_pairs(features: list[dict], pad_id: int) -> dict:
+    """Chosen rows first, then rejected rows, right-padded into one batch."""
+    rows = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def pair_scores(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])
+    half = len(scores) // 2
+    return scores[:half], scores[half:]
+
+
+def pairwise_loss(model, batch) -> tuple[torch.Tensor, int]:
+    chosen, rejected = pair_scores(model, batch)
+    return -F.logsigmoid(chosen - rejected).mean(), len(chosen)
+
+
+@torch.no_grad()
+def pairwise_metrics(model, features: list[dict], pad_id: int, batch_size: int = 8, accelerator=None) -> dict:
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    device = accelerator.device if accelerator else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct, margin sum, loss sum, pairs
+    mine = features[rank::world]
+    for start in range(0, len(mine), batch_size):
+        batch = {k: v.to(device) for k, v in collate_pairs(mine[start:start + batch_size], pad_id).items()}
+        chosen, rejected = pair_scores(model, batch)
+        margin = (chosen - rejected).double()
+        totals += torch.stack([(margin > 0).double().sum(), margin.sum(), -F.logsigmoid(margin).sum(),
+                               torch.tensor(float(len(margin)), dtype=torch.float64, device=device)])
+    if world > 1:
+        totals = accelerator.reduce(totals, reduction="sum")
+    model.train(was_training)
+    pairs = max(totals[3].item(), 1.0)
+    return {"pairwise_accuracy": totals[0].item() / pairs, "mean_margin": totals[1].item() / pairs,
+            "loss": totals[2].item() / pairs, "pairs": int(totals[3].item())}
+
+
+def run_reward(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
+    session = RunSession(recipe, run_dir, resume)
+    acc = session.accelerator
+    splits = session.load_data()
+    tokenizer = session.tokenizer(splits.train)
+    train = encode_pairs(tokenizer, splits.train, recipe)
+    validation = encode_pairs(tokenizer, splits.validation[: recipe.eval.max_examples], recipe)
+    session.note_data(examples=len(train), rows=len(train), packed=False)
+    base = load_model(recipe.model, session.base_dir(tokenizer), QUANT_BITS.get(recipe.method.kind),
+                      recipe.method.quant, head="sequence_classification")
+    base.config.pad_token_id = tokenizer.pad_token_id
+    model = session.apply_method(base, task_type="SEQ_CLS")
+    pad = tokenizer.pad_token_id
+
+    def evaluate(m) -> dict:
+        return pairwise_metrics(m, validation, pad, recipe.eval.batch_size, acc) if validation else {}
+
+    if recipe.eval.before_training:
+        session.evaluate_before(lambda: evaluate(model))
+    model, result = fit(accelerator=acc, model=model, cfg=recipe.train, features=train,
+                        collate=lambda rows: collate_pairs(rows, pad), loss_fn=pairwise_loss, run_dir=run_dir,
+                        log=session.log, resume=resume, evaluate=evaluate, eval_every=recipe.eval.every)
+    return session.finish(model, tokenizer, result, lambda: evaluate(model))

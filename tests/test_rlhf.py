@@ -1,0 +1,126 @@
+"""RLHF end to end on the tiny profile: the SFT → reward model → PPO pipeline, PPO on a known reward,
+PPO on 2 ranks, pipeline skipping and failure."""
+
+import json
+import shutil
+
+import pytest
+import yaml
+
+from conftest import ROOT, read_jsonl, run_ftl, free_port
+
+pytestmark = pytest.mark.slow
+PIPELINE = ROOT / "recipes" / "rlhf" / "pipeline.yaml"
+
+
+def copy_pipeline(tmp_path, **stage_overrides) -> "Path":
+    spec = yaml.safe_load(PIPELINE.read_text())
+    spec["output_dir"] = str(tmp_path / "out")
+    for stage in spec["stages"]:
+        stage["recipe"] = str(PIPELINE.parent / stage["recipe"])
+        stage["overrides"] = stage_overrides.get(stage["name"], [])
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rlhf")
+    path = copy_pipeline(tmp)
+    proc = run_ftl("pipeline", str(path), "--profile", "tiny", cwd=tmp, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return tmp, path, tmp / "out"
+
+
+def test_pipeline_hands_artifacts_on_and_ppo_raises_the_reward(pipeline_run):
+    _, _, out = pipeline_run
+    for stage in ("sft", "reward", "ppo"):
+        assert (out / stage / "final").is_dir() and (out / stage / "stage.json").exists()
+    ppo_recipe = yaml.safe_load((out / "ppo" / "recipe.yaml").read_text())
+    assert ppo_recipe["model"]["path"] == str(out / "sft" / "final")
+    assert ppo_recipe["ppo"]["reward"]["path"] == str(out / "reward" / "final")
+    reward_eval = json.loads((out / "reward" / "eval.json").read_text())["after"]
+    assert reward_eval["pairwise_accuracy"] > 0.6 and reward_eval["mean_margin"] > 0
+    rewards = [r["reward"] for r in read_jsonl(out / "ppo" / "metrics.jsonl")]
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.3, rewards  # RM score + missing-EOS penalty
+    ppo_eval = json.loads((out / "ppo" / "eval.json").read_text())["after"]
+    assert ppo_eval["mean_reward"] > ppo_eval["reference_mean_reward"]
+    assert 0 < ppo_eval["kl_to_reference"] < 10
+    for key in ("reward", "kl", "entropy", "value_loss", "policy_loss", "clip_fraction", "response_length",
+                "generation_seconds", "training_seconds"):
+        assert key in read_jsonl(out / "ppo" / "metrics.jsonl")[0], key
+    report = (out / "pipeline_report.md").read_text()
+    assert "| ppo | ran |" in report and "win_rate" in report and "ppo/curves.png" in report
+
+
+def test_stages_use_disjoint_shares_of_the_data(pipeline_run):
+    _, _, out = pipeline_run
+    from ftl.config import load_recipe
+    from ftl.data import load_splits
+
+    prompts = {}
+    for stage in ("sft", "reward", "ppo"):
+        splits, _ = load_splits(load_recipe(out / stage / "recipe.yaml").data)
+        records = splits.train + splits.validation + splits.test
+        prompts[stage] = {r.get("prompt") or r["messages"][0]["content"] for r in records}
+        assert prompts[stage]
+    assert not prompts["sft"] & prompts["reward"] and not prompts["sft"] & prompts["ppo"]
+    assert not prompts["reward"] & prompts["ppo"]
+
+
+def test_rerun_skips_unchanged_stages_and_reruns_changed_ones(pipeline_run):
+    tmp, path, out = pipeline_run
+    again = run_ftl("pipeline", str(path), "--profile", "tiny", cwd=tmp)
+    assert again.returncode == 0 and again.stdout.count("unchanged and complete: skipped") == 3
+    spec = yaml.safe_load(path.read_text())
+    spec["stages"][2]["overrides"] = ["ppo.kl_coef=0.1", "train.max_steps=3"]
+    path.write_text(yaml.safe_dump(spec))
+    changed = run_ftl("pipeline", str(path), "--profile", "tiny", cwd=tmp, timeout=600)
+    assert changed.returncode == 0, changed.stderr[-2000:]
+    assert "stage 'sft' unchanged" in changed.stdout and "stage 'reward' unchanged" in changed.stdout
+    assert "stage 'ppo' running" in changed.stdout
+    assert len(read_jsonl(out / "ppo" / "metrics.jsonl")) == 3
+
+
+def test_a_failed_stage_stops_the_pipeline_and_is_named(tmp_path):
+    spec = yaml.safe_load(copy_pipeline(tmp_path).read_text())
+    spec["stages"][1]["overrides"] = ["data.limit=1"]  # leaves no training pair: the stage fails at run time
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(spec))
+    proc = run_ftl("pipeline", str(tmp_path / "pipeline.yaml"), "--profile", "tiny", cwd=tmp_path, timeout=600)
+    assert proc.returncode == 2
+    assert "stage 'reward' failed" in proc.stderr and "later stages not run" in proc.stderr
+    assert not (tmp_path / "out" / "ppo").exists()
+
+
+def test_ppo_raises_a_known_reward_while_kl_stays_bounded(pipeline_run, tmp_path):
+    _, _, out = pipeline_run
+    proc = run_ftl("run", str(ROOT / "recipes" / "rlhf" / "ppo.yaml"), "--profile", "tiny",
+                   f"model.path={out / 'sft' / 'final'}", f"track.output_dir={tmp_path / 'ppo'}",
+                   "ppo.reward={kind: function, function: 'ftl.stages.ppo.rewards:count_substring', "
+                   "kwargs: {target: e}}", "ppo.missing_eos_penalty=null", "ppo.value_from=policy",
+                   "ppo.kl_coef=0.1", "train.max_steps=30", "train.lr=5e-4", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_jsonl(tmp_path / "ppo" / "metrics.jsonl")
+    rewards, kls = [r["reward"] for r in rows], [r["kl"] for r in rows]
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.8, rewards
+    assert max(kls) < 6.0, kls  # the KL penalty keeps the policy near the reference
+    result = json.loads((tmp_path / "ppo" / "eval.json").read_text())["after"]
+    assert result["mean_reward"] > result["reference_mean_reward"] + 0.8 and result["win_rate"] > 0.65
+
+
+def test_ppo_on_two_ranks_with_a_lora_policy(pipeline_run, tmp_path):
+    _, _, out = pipeline_run
+    proc = run_ftl("launch", str(ROOT / "recipes" / "rlhf" / "ppo.yaml"), "--profile", "tiny",
+                   f"model.path={out / 'sft' / 'final'}", f"ppo.reward.path={out / 'reward' / 'final'}",
+                   f"track.output_dir={tmp_path / 'ppo2'}", "launch.num_processes=2",
+                   f"launch.main_process_port={free_port()}", "method.kind=lora", "train.max_steps=4",
+                   "ppo.rollout_batch=4", cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / "ppo2" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["ppo"]["reference"] == "disabled_adapter"
+    checks = manifest["rank_checks"]
+    assert len({c["param_digest"] for c in checks}) == 1  # policy replicas stayed in sync
+    rows = read_jsonl(tmp_path / "ppo2" / "metrics.jsonl")
+    assert len(rows) == 4 and all(r["episodes"] == 8 for r in rows)
+    assert (tmp_path / "ppo2" / "final" / "adapter_config.json").exists()
