@@ -15,7 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 README = HERE.parent / "README.md"
-BENCHES = ["sft_throughput", "zero3_memory", "peft_memory"]
+BENCHES = ["sft_throughput", "zero3_memory", "peft_memory", "ppo_speed"]
 
 
 def table(results: dict[str, dict]) -> str:
@@ -57,6 +57,19 @@ def table(results: dict[str, dict]) -> str:
         lines.append(f"| QLoRA step time vs bf16 LoRA ({r['model']}, 2x128 tokens, CPU) | seconds per step | "
                      f"{st['qlora_nf4_bf16_compute']:.2f} s (QLoRA) | {st['lora_bf16']:.2f} s (bf16 LoRA) | "
                      f"{r['qlora_vs_lora_step_time']:.2f}x | (reported) |")
+    if "ppo_speed" in results:
+        r = results["ppo_speed"]
+        for profile, v in r["speed"].items():
+            lines.append(f"| PPO speed, {profile} profile (LoRA policy, {v['episodes_per_step']:.0f} episodes/step, "
+                         f"~{v['mean_response_tokens']:.0f} response tokens) | episodes/s; generation : training | "
+                         f"{v['episodes_per_second']:.2f} episodes/s; {100 * v['generation_share']:.0f}% : "
+                         f"{100 - 100 * v['generation_share']:.0f}% ({v['generation_seconds_per_step']:.2f} s : "
+                         f"{v['training_seconds_per_step']:.2f} s per step) | | | (reported) |")
+        m = r["memory_bytes"]
+        lines.append(f"| PPO's four models on SmolLM2-135M, fp32 (policy+LoRA, reference, reward, value) | "
+                     f"parameter bytes | {m['total_shared_reference'] / 2**20:.0f} MiB (reference = disabled adapter) | "
+                     f"{m['total_copied_reference'] / 2**20:.0f} MiB (reference copy) | "
+                     f"{100 * r['memory_saved_by_sharing']:.0f}% less | (reported) |")
     return "\n".join(lines)
 
 
