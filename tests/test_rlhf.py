@@ -52,6 +52,10 @@ def test_pipeline_hands_artifacts_on_and_ppo_raises_the_reward(pipeline_run):
         assert key in read_jsonl(out / "ppo" / "metrics.jsonl")[0], key
     report = (out / "pipeline_report.md").read_text()
     assert "| ppo | ran |" in report and "win_rate" in report and "ppo/curves.png" in report
+    dpo_eval = json.loads((out / "dpo" / "eval.json").read_text())["after"]  # the alternative, same report
+    assert "| dpo | ran |" in report and {"rewards/accuracies", "mean_reward", "win_rate"} <= set(dpo_eval)
+    dpo_losses = [r["loss"] for r in read_jsonl(out / "dpo" / "metrics.jsonl")]
+    assert dpo_losses[-1] < dpo_losses[0], dpo_losses
 
 
 def test_stages_use_disjoint_shares_of_the_data(pipeline_run):
@@ -72,7 +76,7 @@ def test_stages_use_disjoint_shares_of_the_data(pipeline_run):
 def test_rerun_skips_unchanged_stages_and_reruns_changed_ones(pipeline_run):
     tmp, path, out = pipeline_run
     again = run_ftl("pipeline", str(path), "--profile", "tiny", cwd=tmp)
-    assert again.returncode == 0 and again.stdout.count("unchanged and complete: skipped") == 3
+    assert again.returncode == 0 and again.stdout.count("unchanged and complete: skipped") == 4
     spec = yaml.safe_load(path.read_text())
     spec["stages"][2]["overrides"] = ["ppo.kl_coef=0.1", "train.max_steps=3"]
     path.write_text(yaml.safe_dump(spec))

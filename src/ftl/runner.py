@@ -6,7 +6,7 @@ from ftl.config import load_recipe
 from ftl.run_dir import run_dir_for
 
 STAGES = {"sft": "ftl.stages.sft:run_sft", "reward": "ftl.stages.reward:run_reward",
-          "ppo": "ftl.stages.ppo:run_ppo"}
+          "ppo": "ftl.stages.ppo:run_ppo", "dpo": "ftl.stages.dpo:run_dpo"}
 
 
 def stage_function(stage: str):

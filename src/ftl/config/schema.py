@@ -252,7 +252,12 @@ class PPOConfig(Section):
     missing_eos_penalty: Optional[float] = Field(-1.0, description="added to the score of a response without EOS")
 
 
-STAGES = ("sft", "reward", "ppo")
+class DPOOptions(Section):
+    beta: float = Field(0.1, gt=0, description="strength of the implicit KL constraint")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+
+
+STAGES = ("sft", "reward", "ppo", "dpo")
 
 
 class Recipe(Section):
@@ -267,15 +272,17 @@ class Recipe(Section):
     eval: EvalConfig = EvalConfig()
     track: TrackConfig = TrackConfig()
     launch: LaunchConfig = LaunchConfig()
-    ppo: Optional[PPOConfig] = None
+    ppo: Optional[PPOConfig] = Field(None, description="PPO settings; for dpo, an optional reward used to "
+                                                          "compare the policy with its reference at the end")
+    dpo: DPOOptions = DPOOptions()
     profiles: dict[str, dict[str, Any]] = {}
 
     @model_validator(mode="after")
     def _stage_needs(self):
         if self.stage == "ppo" and self.ppo is None:
             raise ValueError("stage 'ppo' needs a 'ppo' section (at least ppo.reward)")
-        if self.stage == "reward" and self.data.format != "preference":
-            raise ValueError("stage 'reward' trains on data.format 'preference' (prompt, chosen, rejected)")
+        if self.stage in ("reward", "dpo") and self.data.format != "preference":
+            raise ValueError(f"stage '{self.stage}' trains on data.format 'preference' (prompt, chosen, rejected)")
         if self.stage == "ppo" and self.data.format not in ("prompts", "chat", "prompt_completion", "preference"):
             raise ValueError("stage 'ppo' needs prompts: data.format prompts, chat, prompt_completion or preference")
         return self

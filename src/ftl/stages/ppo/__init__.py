@@ -38,6 +38,14 @@ class Reference:
         self.frozen = None if self.shares_weights else \
             copy.deepcopy(self.unwrapped).eval().requires_grad_(False)
 
+    @classmethod
+    def frozen_model(cls, model) -> "Reference":
+        """A reference that is the given (already frozen) model, e.g. the initial policy of a DPO run."""
+        reference = cls.__new__(cls)
+        reference.unwrapped, reference.frozen = model, model.requires_grad_(False)
+        reference.kind, reference.shares_weights = "copy", False
+        return reference
+
     @staticmethod
     def kind_for(method_kind: str) -> str:
         return "disabled_adapter" if method_kind in MERGEABLE - {"ia3"} else "copy"
