@@ -54,6 +54,10 @@ def test_pipeline_hands_artifacts_on_and_ppo_raises_the_reward(pipeline_run):
     assert "| ppo | ran |" in report and "win_rate" in report and "ppo/curves.png" in report
     dpo_eval = json.loads((out / "dpo" / "eval.json").read_text())["after"]  # the alternative, same report
     assert "| dpo | ran |" in report and {"rewards/accuracies", "mean_reward", "win_rate"} <= set(dpo_eval)
+    grpo_eval = json.loads((out / "grpo" / "eval.json").read_text())["after"]
+    assert "| grpo | ran |" in report and grpo_eval["kl_to_reference"] > 0 and "win_rate" in grpo_eval
+    grpo_rows = read_jsonl(out / "grpo" / "metrics.jsonl")
+    assert len(grpo_rows) == 6 and all("reward" in r and "kl" in r for r in grpo_rows)
     dpo_rows = read_jsonl(out / "dpo" / "metrics.jsonl")[1:]  # step 1: policy == reference, margin 0
     assert sum(r["rewards/margins"] for r in dpo_rows) > 0 and \
         sum(r["rewards/accuracies"] for r in dpo_rows) / len(dpo_rows) > 0.5, dpo_rows
@@ -77,14 +81,14 @@ def test_stages_use_disjoint_shares_of_the_data(pipeline_run):
 def test_rerun_skips_unchanged_stages_and_reruns_changed_ones(pipeline_run):
     tmp, path, out = pipeline_run
     again = run_ftl("pipeline", str(path), "--profile", "tiny", cwd=tmp)
-    assert again.returncode == 0 and again.stdout.count("unchanged and complete: skipped") == 4
+    assert again.returncode == 0 and again.stdout.count("unchanged and complete: skipped") == 5
     spec = yaml.safe_load(path.read_text())
     spec["stages"][2]["overrides"] = ["ppo.kl_coef=0.1", "train.max_steps=3"]
     path.write_text(yaml.safe_dump(spec))
     changed = run_ftl("pipeline", str(path), "--profile", "tiny", cwd=tmp, timeout=600)
     assert changed.returncode == 0, changed.stderr[-2000:]
     assert "stage 'sft' unchanged" in changed.stdout and "stage 'reward' unchanged" in changed.stdout
-    assert "stage 'ppo' running" in changed.stdout
+    assert "stage 'ppo' running" in changed.stdout and "stage 'dpo' unchanged" in changed.stdout
     assert len(read_jsonl(out / "ppo" / "metrics.jsonl")) == 3
 
 

@@ -6,7 +6,8 @@ from ftl.config import load_recipe
 from ftl.run_dir import run_dir_for
 
 STAGES = {"sft": "ftl.stages.sft:run_sft", "reward": "ftl.stages.reward:run_reward",
-          "ppo": "ftl.stages.ppo:run_ppo", "dpo": "ftl.stages.dpo:run_dpo"}
+          "ppo": "ftl.stages.ppo:run_ppo", "dpo": "ftl.stages.dpo:run_dpo",
+          "grpo": "ftl.stages.grpo:run_grpo"}
 
 
 def stage_function(stage: str):

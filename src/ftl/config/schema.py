@@ -257,7 +257,12 @@ class DPOOptions(Section):
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
 
 
-STAGES = ("sft", "reward", "ppo", "dpo")
+class GRPOOptions(Section):
+    num_generations: int = Field(4, gt=1, description="completions sampled per prompt (the group)")
+    beta: float = Field(0.04, ge=0, description="KL coefficient to the reference")
+
+
+STAGES = ("sft", "reward", "ppo", "dpo", "grpo")
 
 
 class Recipe(Section):
@@ -275,14 +280,16 @@ class Recipe(Section):
     ppo: Optional[PPOConfig] = Field(None, description="PPO settings; for dpo, an optional reward used to "
                                                           "compare the policy with its reference at the end")
     dpo: DPOOptions = DPOOptions()
+    grpo: GRPOOptions = GRPOOptions()
     profiles: dict[str, dict[str, Any]] = {}
 
     @model_validator(mode="after")
     def _stage_needs(self):
-        if self.stage == "ppo" and self.ppo is None:
-            raise ValueError("stage 'ppo' needs a 'ppo' section (at least ppo.reward)")
+        if self.stage in ("ppo", "grpo") and self.ppo is None:
+            raise ValueError(f"stage '{self.stage}' needs a 'ppo' section (at least ppo.reward)")
         if self.stage in ("reward", "dpo") and self.data.format != "preference":
             raise ValueError(f"stage '{self.stage}' trains on data.format 'preference' (prompt, chosen, rejected)")
-        if self.stage == "ppo" and self.data.format not in ("prompts", "chat", "prompt_completion", "preference"):
-            raise ValueError("stage 'ppo' needs prompts: data.format prompts, chat, prompt_completion or preference")
+        if self.stage in ("ppo", "grpo") and self.data.format not in ("prompts", "chat", "prompt_completion", "preference"):
+            raise ValueError(f"stage '{self.stage}' needs prompts: data.format prompts, chat, prompt_completion or "
+                             "preference")
         return self
