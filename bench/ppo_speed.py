@@ -22,7 +22,7 @@ STEPS = {"tiny": 8, "small": 4}
 
 def timed_run(profile: str, out: Path) -> dict:
     run_dir = out / f"ppo-{profile}"
-    model = [] if profile == "tiny" else ["model.source=smollm2", "model.path=null"]
+    model = [f"model.source={'tiny' if profile == 'tiny' else 'smollm2'}", "model.path=null"]
     argv = [sys.executable, "-m", "ftl", "run", str(ROOT / "recipes/rlhf/ppo.yaml"), "--profile", profile,
             f"track.output_dir={run_dir}", "ppo.value_from=policy", "ppo.missing_eos_penalty=null",
             "ppo.reward={kind: function, function: 'ftl.stages.ppo.rewards:count_substring'}",
