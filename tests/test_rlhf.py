@@ -133,3 +133,39 @@ def test_ppo_on_two_ranks_with_a_lora_policy(pipeline_run, tmp_path):
     rows = read_jsonl(tmp_path / "ppo2" / "metrics.jsonl")
     assert len(rows) == 4 and all(r["episodes"] == 8 for r in rows)
     assert (tmp_path / "ppo2" / "final" / "adapter_config.json").exists()
+
+
+def test_ppo_under_zero3_keeps_half_of_policy_and_value_per_rank(pipeline_run, tmp_path):
+    _, _, out = pipeline_run
+    proc = run_ftl("launch", str(ROOT / "recipes" / "rlhf" / "ppo.yaml"), "--profile", "tiny_zero3",
+                   f"model.path={out / 'sft' / 'final'}", f"ppo.reward.path={out / 'reward' / 'final'}",
+                   f"track.output_dir={tmp_path / 'z3'}", f"launch.main_process_port={free_port()}",
+                   cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / "z3" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["ppo"]["reference"] == "disabled_adapter"
+    for check in manifest["rank_checks"]:  # one engine holds policy (+LoRA) and value model
+        assert check["zero"]["param_numel_local"] * 2 == check["zero"]["param_numel_full"]
+    assert len(read_jsonl(tmp_path / "z3" / "metrics.jsonl")) == 4
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "sft" / "final"),
+                                       tmp_path / "z3" / "final")  # the gathered adapter loads on one process
+    assert any(p.abs().max() > 0 for n, p in policy.named_parameters() if "lora_B" in n)
+
+
+@pytest.mark.parametrize("kind", ["lora", "qlora"])
+def test_reward_model_trains_with_adapters(pipeline_run, tmp_path, kind):
+    _, _, out = pipeline_run
+    proc = run_ftl("run", str(ROOT / "recipes" / "rlhf" / "reward.yaml"), "--profile", "tiny",
+                   f"model.path={out / 'sft' / 'final'}", f"track.output_dir={tmp_path / 'rm'}",
+                   f"method.kind={kind}", "train.max_steps=6", "train.lr=1e-2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = json.loads((tmp_path / "rm" / "eval.json").read_text())["after"]
+    assert after["pairs"] > 0 and 0 <= after["pairwise_accuracy"] <= 1
+    config = json.loads((tmp_path / "rm" / "final" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and "score" in (config.get("modules_to_save") or [])
+    merged = run_ftl("merge", str(tmp_path / "rm"), cwd=tmp_path)  # a plain reward model folder for PPO
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    assert "ForSequenceClassification" in (tmp_path / "rm" / "merged" / "config.json").read_text()

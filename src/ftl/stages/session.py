@@ -11,7 +11,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from ftl import run_dir as layout
 from ftl.config import save_resolved
@@ -110,7 +110,8 @@ class RunSession:
             (self.run_dir / BEFORE_FILE).write_text(json.dumps(metrics, ensure_ascii=False))
 
     # -- the end ---------------------------------------------------------------------------
-    def finish(self, model, tokenizer, result, evaluate: Callable[[], dict]) -> dict:
+    def finish(self, model, tokenizer, result, evaluate: Callable[[], dict], part: Optional[str] = None) -> dict:
+        """part: save only this submodule of the trained module (e.g. PPO's policy inside its ZeRO engine)."""
         acc = self.accelerator
         summary = {"run_dir": str(self.run_dir), "steps": result.steps, "interrupted": result.interrupted}
         if result.interrupted:
@@ -120,7 +121,7 @@ class RunSession:
         checks = rank_checks(acc, model)
         if len({c["param_digest"] for c in checks}) > 1 and not is_sharded(acc):
             acc.print(f"ftl: WARNING: ranks ended with different weights: {checks}")
-        save_final_model(acc, model, tokenizer, self.run_dir / layout.FINAL_DIR, self.recipe.method)
+        save_final_model(acc, model, tokenizer, self.run_dir / layout.FINAL_DIR, self.recipe.method, part)
         if self.main:
             results = {}
             before_path = self.run_dir / BEFORE_FILE
@@ -146,13 +147,17 @@ class RunSession:
         return summary
 
 
-def save_final_model(accelerator, model, tokenizer, target: Path, method) -> None:
+def save_final_model(accelerator, model, tokenizer, target: Path, method, part: Optional[str] = None) -> None:
     """A normal save_pretrained folder (the adapter alone for adapter methods), written atomically."""
     state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards on every rank
     if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        if part:
+            unwrapped = getattr(unwrapped, part)
+            state_dict = {k[len(part) + 1:]: v for k, v in state_dict.items() if k.startswith(part + ".")}
         tmp = target.with_name(target.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        save_trained(accelerator.unwrap_model(model), state_dict, tmp, method)
+        save_trained(unwrapped, state_dict, tmp, method)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)

@@ -23,6 +23,8 @@ from ftl.stages.ppo import maths
 from ftl.stages.ppo.rollout import RewardFunction, Rollout, collect, response_logprobs, response_values
 from ftl.stages.session import RunSession
 from ftl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ftl.errors import RecipeError
+from ftl.train.distributed import is_sharded
 from ftl.train.loop import micro_batches
 from ftl.train.signals import StopRequest
 
@@ -61,6 +63,32 @@ class Reference:
     def logprobs(self, sequences, mask, pos, prompt_length: int, temperature: float) -> torch.Tensor:
         with self.model() as model:
             return response_logprobs(model, sequences, mask, pos, prompt_length, temperature)
+
+
+class PolicyAndValue(torch.nn.Module):
+    """One module for DeepSpeed: accelerate gives one engine per model, and ZeRO-3 gathers parameters
+    through hooks on every submodule, so the policy and value model are called directly."""
+
+    def __init__(self, policy, value):
+        super().__init__()
+        self.policy, self.value = policy, value
+        self.config = policy.config  # accelerate sizes DeepSpeed's "auto" buckets from hidden_size
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("call .policy or .value")
+
+
+@contextmanager
+def without_zero_init():
+    """Load a frozen model whole: under ZeRO-3 transformers would partition it, but no engine owns it."""
+    import transformers.integrations.deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
 def ppo_step(accelerator, policy, value_model, optimizer, rollout: Rollout, advantages, returns, cfg, grad_clip,
@@ -121,10 +149,16 @@ def run_ppo(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     session.manifest_fields["ppo"] = {"reference": Reference.kind_for(recipe.method.kind), "reward": cfg.reward.kind}
     policy = session.apply_method(load_model(recipe.model, base_dir, QUANT_BITS.get(recipe.method.kind),
                                              recipe.method.quant))
+    sharded = is_sharded(acc)
+    if sharded and Reference.kind_for(recipe.method.kind) != "disabled_adapter":
+        raise RecipeError("PPO under ZeRO-3 needs a LoRA-family policy (method.kind lora/dora/qlora): its reference "
+                          "is the adapter-disabled model; a partitioned model cannot be copied")
     reward_model = None
     if cfg.reward.kind == "model":
-        reward_model = load_model(recipe.model.model_copy(update={"gradient_checkpointing": False}),
-                                  Path(cfg.reward.path), head="sequence_classification").eval().requires_grad_(False)
+        with without_zero_init():
+            reward_model = load_model(recipe.model.model_copy(update={"gradient_checkpointing": False}),
+                                      Path(cfg.reward.path), head="sequence_classification").eval()
+        reward_model.requires_grad_(False)
     reward = RewardFunction(reward_model, cfg.reward.function, cfg.reward.kwargs)
     value_dir = Path(cfg.reward.path) if (cfg.value_from == "reward" and cfg.reward.kind == "model") else base_dir
     value_model = load_model(recipe.model.model_copy(update={"gradient_checkpointing": False}), value_dir,
@@ -135,7 +169,13 @@ def run_ppo(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     params = [p for p in list(policy.parameters()) + list(value_model.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
                                   betas=tuple(train_cfg.betas))
-    policy, value_model, optimizer = acc.prepare(policy, value_model, optimizer)
+    if sharded:
+        engine, optimizer = acc.prepare(PolicyAndValue(policy, value_model), optimizer)
+        policy, value_model = engine.module.policy, engine.module.value
+        trained = engine
+    else:
+        policy, value_model, optimizer = acc.prepare(policy, value_model, optimizer)
+        trained = policy
     if reward_model is not None:
         reward_model.to(acc.device)
     reference = Reference(acc, policy, recipe.method.kind)
@@ -176,5 +216,6 @@ def run_ppo(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     from ftl.train.loop import FitResult
 
     result = FitResult(steps=step, interrupted=step < total)
-    return session.finish(policy, tokenizer, result,
-                          lambda: compare_policies(acc, unwrapped, reference, reward, tokenizer, held_out, cfg))
+    return session.finish(trained, tokenizer, result,
+                          lambda: compare_policies(acc, unwrapped, reference, reward, tokenizer, held_out, cfg),
+                          part="policy" if sharded else None)
