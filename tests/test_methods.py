@@ -1,8 +1,6 @@
 """Every method on the tiny model: it trains, frozen weights stay bit-identical, adapters save alone and
 reload exactly, and merges match the adapter model. Plus the CPU 4-bit gradient guard."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -10,11 +8,11 @@ from conftest import tiny_recipe_dict
 from ftl.config.schema import DataConfig, LaunchConfig, MethodConfig, ModelConfig, TrainConfig
 from ftl.data import load_splits
 from ftl.data.packing import collate, pack_sequences
+from ftl.data.tokenize import encode_records
 from ftl.evaluate.lm import causal_lm_loss, lm_loss
 from ftl.methods import PACKING_INCOMPATIBLE, QUANT_BITS, apply_method, load_trained, save_trained, trainable_summary
 from ftl.models.load import base_model_dir, load_model, record_texts
 from ftl.models.tiny import train_tiny_tokenizer
-from ftl.stages.sft import encode_all
 from ftl.train.distributed import make_accelerator
 from ftl.train.loop import fit
 
@@ -46,7 +44,7 @@ def setup(tmp_path_factory):
     records = load_splits(data)[0].train
     tokenizer = train_tiny_tokenizer(record_texts(records), 400)
     model_cfg = ModelConfig(source="tiny")  # hidden 64: the bitsandbytes CPU repack path needs it
-    features = encode_all(tokenizer, records, SimpleNamespace(data=data))
+    features = encode_records(tokenizer, records, data)
     # PEFT methods start from a *pretrained* model: a random one has near-uniform logits that adapters
     # on the blocks can hardly move. Pre-train the tiny base briefly (full fine-tune), then freeze it.
     model = load_model(model_cfg, base_model_dir(model_cfg, tokenizer, 0, tmp))

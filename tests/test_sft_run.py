@@ -105,11 +105,11 @@ def test_reloaded_lora_run_matches_its_evaluation(tmp_path):
     from ftl.data import load_splits
     from ftl.evaluate.lm import lm_loss
     from ftl.models.trained import load_trained_causal_lm
-    from ftl.stages.sft import encode_all
+    from ftl.data.tokenize import encode_records
 
     model, tokenizer, loaded = load_trained_causal_lm(tmp_path / "run")
     validation = load_splits(loaded.data)[0].validation[: loaded.eval.max_examples]
-    metrics = lm_loss(model, encode_all(tokenizer, validation, loaded), tokenizer.pad_token_id)
+    metrics = lm_loss(model, encode_records(tokenizer, validation, loaded.data), tokenizer.pad_token_id)
     after = json.loads((tmp_path / "run" / "eval.json").read_text())["after"]
     assert metrics["loss"] == pytest.approx(after["loss"], abs=1e-5)
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())

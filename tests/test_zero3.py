@@ -76,11 +76,11 @@ def test_loss_falls_and_the_consolidated_model_reloads_with_identical_logits(ada
     from ftl.data import load_splits
     from ftl.evaluate.lm import lm_loss
     from ftl.models.trained import load_trained_causal_lm
-    from ftl.stages.sft import encode_all
+    from ftl.data.tokenize import encode_records
 
     model, tokenizer, recipe = load_trained_causal_lm(adam_run)  # one process, no DeepSpeed
     validation = load_splits(recipe.data)[0].validation[: recipe.eval.max_examples]
-    reloaded = lm_loss(model, encode_all(tokenizer, validation, recipe), tokenizer.pad_token_id)
+    reloaded = lm_loss(model, encode_records(tokenizer, validation, recipe.data), tokenizer.pad_token_id)
     trained = json.loads((adam_run / "eval.json").read_text())["after"]  # computed by the 2 ZeRO-3 ranks
     assert reloaded["tokens"] == trained["tokens"]
     assert reloaded["loss"] == pytest.approx(trained["loss"], abs=1e-5)

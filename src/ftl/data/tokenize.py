@@ -80,6 +80,14 @@ def encode_record(tokenizer, record: dict, fmt: str, max_length: int, system_pro
     raise DataError(f"data.format '{fmt}' cannot be used for language-model training")
 
 
+def encode_records(tokenizer, records: list[dict], data) -> list[dict]:
+    """Features for a DataConfig's format; examples with nothing to learn (e.g. truncated before the
+    answer) dropped."""
+    features = [encode_record(tokenizer, r, data.format, data.max_length, data.system_prompt).as_dict()
+                for r in records]
+    return [f for f in features if any(t != IGNORE for t in f["labels"][1:])]
+
+
 def render_pair(tokenizer, prompt: str, response: str, system_prompt: str | None = None) -> str:
     """A prompt and one response as the model sees a finished exchange (chat template when it has one)."""
     if tokenizer.chat_template:

@@ -8,7 +8,8 @@ from ftl import run_dir as layout
 from ftl.config.schema import DataConfig, SourceConfig
 from ftl.data import load_splits
 from ftl.errors import FtlError
-from ftl.evaluate.generate import generate_samples
+from ftl.data.tokenize import encode_records
+from ftl.evaluate.generate import generate_samples, sample_prompts
 from ftl.evaluate.lm import lm_loss
 from ftl.evaluate.report import write_report
 
@@ -29,8 +30,6 @@ def data_config_for_file(path: str, fmt: str, like: DataConfig | None) -> DataCo
 def evaluate_target(target: str, data: str | None = None, fmt: str | None = None, split: str = "validation",
                     out: str | None = None, max_new_tokens: int = 24, samples: int = 3) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ftl.stages.sft import encode_all, sample_prompts
 
     path = Path(target)
     if (path / layout.RECIPE_FILE).exists():
@@ -53,9 +52,10 @@ def evaluate_target(target: str, data: str | None = None, fmt: str | None = None
     splits, _ = load_splits(data_cfg) if data else load_splits(recipe.data)
     records = splits.train if data else getattr(splits, split)[: recipe.eval.max_examples]
     recipe = recipe.model_copy(update={"data": data_cfg})
-    features = encode_all(tokenizer, records, recipe)
+    features = encode_records(tokenizer, records, data_cfg)
     metrics = lm_loss(model, features, tokenizer.pad_token_id, recipe.eval.batch_size)
-    prompts = sample_prompts(tokenizer, recipe, records)[: len(recipe.eval.generate.prompts) + samples]
+    prompts = sample_prompts(tokenizer, recipe.eval.generate, data_cfg.system_prompt,
+                             records)[: len(recipe.eval.generate.prompts) + samples]
     metrics["samples"] = generate_samples(model, tokenizer, prompts, max_new_tokens)
     metrics["examples"] = len(features)
     json_path, md_path = write_report(Path(out) if out else path / "eval", {"eval": metrics})

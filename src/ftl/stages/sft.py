@@ -7,27 +7,13 @@ from pathlib import Path
 
 from ftl.config.schema import Recipe
 from ftl.data.packing import collate, pack_sequences
-from ftl.data.tokenize import IGNORE, encode_record, generation_prompt
+from ftl.data.tokenize import encode_records
 from ftl.evaluate.lm import causal_lm_loss, lm_loss
-from ftl.evaluate.generate import generate_samples
+from ftl.evaluate.generate import generate_samples, sample_prompts
 from ftl.methods import PACKING_INCOMPATIBLE, QUANT_BITS
 from ftl.models.load import load_model
 from ftl.stages.session import RunSession
 from ftl.train.loop import fit
-
-
-def encode_all(tokenizer, records: list[dict], recipe: Recipe) -> list[dict]:
-    """Encoded features; examples with nothing to learn (e.g. truncated before the answer) dropped."""
-    features = [encode_record(tokenizer, r, recipe.data.format, recipe.data.max_length,
-                              recipe.data.system_prompt).as_dict() for r in records]
-    return [f for f in features if any(t != IGNORE for t in f["labels"][1:])]
-
-
-def sample_prompts(tokenizer, recipe: Recipe, validation: list[dict]) -> list[tuple[str, str | None]]:
-    gen = recipe.eval.generate
-    fixed = [generation_prompt(tokenizer, {"prompt": p}, recipe.data.system_prompt) for p in gen.prompts]
-    return fixed + [generation_prompt(tokenizer, r, recipe.data.system_prompt)
-                    for r in validation[:gen.from_validation]]
 
 
 def run_sft(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
@@ -36,8 +22,8 @@ def run_sft(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     splits = session.load_data()
     tokenizer = session.tokenizer(splits.train)
 
-    train = encode_all(tokenizer, splits.train, recipe)
-    validation = encode_all(tokenizer, splits.validation[: recipe.eval.max_examples], recipe)
+    train = encode_records(tokenizer, splits.train, recipe.data)
+    validation = encode_records(tokenizer, splits.validation[: recipe.eval.max_examples], recipe.data)
     packing = recipe.data.packing and recipe.method.kind not in PACKING_INCOMPATIBLE
     if recipe.data.packing and not packing and acc.is_main_process:
         print(f"ftl: method {recipe.method.kind} puts virtual tokens at the start of each row: "
@@ -48,7 +34,7 @@ def run_sft(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     base = load_model(recipe.model, session.base_dir(tokenizer), QUANT_BITS.get(recipe.method.kind),
                           recipe.method.quant)
     model = session.apply_method(base)
-    prompts = sample_prompts(tokenizer, recipe, splits.validation)
+    prompts = sample_prompts(tokenizer, recipe.eval.generate, recipe.data.system_prompt, splits.validation)
 
     def evaluate(m, with_samples=False) -> dict:
         metrics = lm_loss(m, validation, tokenizer.pad_token_id, recipe.eval.batch_size, acc) if validation else {}
