@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ftl import run_dir as layout
-from ftl.config.schema import DataConfig, SourceConfig
+from ftl.config.schema import DataConfig
 from ftl.data import load_splits
 from ftl.errors import FtlError
 from ftl.data.tokenize import encode_records
