@@ -11,8 +11,7 @@ import time
 
 import torch
 
-METHOD_OPTIONS = {"lora": {}, "dora": {}, "qlora": {}, "lora8bit": {}, "prefix": {}, "prompt": {}, "ptuning": {},
-                  "ia3": {}, "llama_adapter": {}, "adapter": {}}
+METHODS = ["lora", "dora", "qlora", "lora8bit", "prefix", "prompt", "ptuning", "ia3", "llama_adapter", "adapter"]
 STEPS = 4
 
 
@@ -51,8 +50,8 @@ def main() -> dict:
         memory[label] = {"model_bytes": weight_bytes(model), "linear_bytes": linear_weight_bytes(model)}
         del model
     shares = {}
-    for kind, options in METHOD_OPTIONS.items():
-        method = MethodConfig.model_validate({"kind": kind, **options})
+    for kind in METHODS:
+        method = MethodConfig(kind=kind)
         model = apply_method(load("float32", QUANT_BITS.get(kind)), method)
         shares[kind] = trainable_summary(model)
         del model

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ftl.data.packing import collate, model_inputs
 from ftl.data.tokenize import IGNORE
+from ftl.evaluate.sharded import sum_over_ranks
 
 
 def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,21 +30,12 @@ def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     return losses.sum() / max(count, 1), count
 
 
-@torch.no_grad()
 def lm_loss(model, features: list[dict], pad_id: int, batch_size: int = 8, accelerator=None) -> dict:
     """Token-weighted loss and perplexity over features, sharded across ranks when distributed."""
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    device = accelerator.device if accelerator else torch.device("cpu")
-    was_training = model.training
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    mine = features[rank::world]
-    for start in range(0, len(mine), batch_size):
-        batch = {k: v.to(device) for k, v in collate(mine[start:start + batch_size], pad_id).items()}
+    def measure(batch):
         losses, mask = token_losses(model, batch)
-        total += torch.stack([losses[mask].double().sum(), mask.sum().double()])
-    if world > 1:
-        total = accelerator.reduce(total, reduction="sum")
-    model.train(was_training)
+        return torch.stack([losses[mask].double().sum(), mask.sum().double()])
+
+    total = sum_over_ranks(model, features, batch_size, lambda rows: collate(rows, pad_id), measure, 2, accelerator)
     loss = (total[0] / total[1].clamp(min=1)).item()
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(total[1].item())}

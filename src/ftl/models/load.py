@@ -8,8 +8,6 @@ from typing import Iterable, Optional
 from ftl.config.schema import ModelConfig
 from ftl.errors import RecipeError
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
 
 def pretrained_dir(cfg: ModelConfig) -> Optional[Path]:
     """The local folder a non-tiny model loads from."""
@@ -73,12 +71,12 @@ def load_model(cfg: ModelConfig, base_dir: Path, quant_bits: Optional[int] = Non
 
     from ftl.models.quantize import bnb_config, guard_cpu_4bit_gradients
 
-    kwargs = {"dtype": getattr(torch, DTYPES[cfg.dtype]), "attn_implementation": cfg.attn_implementation}
+    kwargs = {"dtype": getattr(torch, cfg.dtype), "attn_implementation": cfg.attn_implementation}
     if quant_bits:
         kwargs["quantization_config"] = bnb_config(quant_bits, quant_options)
         kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
         if quant_bits == 4:
-            kwargs["dtype"] = getattr(torch, DTYPES[quant_options.compute_dtype])
+            kwargs["dtype"] = getattr(torch, quant_options.compute_dtype)
     if head == "sequence_classification":
         kwargs["num_labels"] = num_labels
     model = getattr(transformers, HEADS[head]).from_pretrained(base_dir, **kwargs)

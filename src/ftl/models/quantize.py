@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
 
 def bnb_config(bits: Optional[int], options):
     if bits is None:
@@ -17,7 +15,7 @@ def bnb_config(bits: Optional[int], options):
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=options.quant_type,
                               bnb_4bit_use_double_quant=options.double_quant,
-                              bnb_4bit_compute_dtype=getattr(torch, DTYPES[options.compute_dtype]))
+                              bnb_4bit_compute_dtype=getattr(torch, options.compute_dtype))
 
 
 def guard_cpu_4bit_gradients(model) -> int:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ftl.config.schema import Recipe
 from ftl.data.tokenize import render_pair
+from ftl.evaluate.sharded import sum_over_ranks
 from ftl.methods import QUANT_BITS
 from ftl.models.load import load_model
 from ftl.models.scoring import sequence_scores
@@ -54,23 +55,15 @@ def pairwise_loss(model, batch) -> tuple[torch.Tensor, int]:
     return -F.logsigmoid(chosen - rejected).mean(), len(chosen)
 
 
-@torch.no_grad()
 def pairwise_metrics(model, features: list[dict], pad_id: int, batch_size: int = 8, accelerator=None) -> dict:
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    device = accelerator.device if accelerator else torch.device("cpu")
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct, margin sum, loss sum, pairs
-    mine = features[rank::world]
-    for start in range(0, len(mine), batch_size):
-        batch = {k: v.to(device) for k, v in collate_pairs(mine[start:start + batch_size], pad_id).items()}
+    def measure(batch):  # correct pairs, margin sum, loss sum, pairs
         chosen, rejected = pair_scores(model, batch)
         margin = (chosen - rejected).double()
-        totals += torch.stack([(margin > 0).double().sum(), margin.sum(), -F.logsigmoid(margin).sum(),
-                               torch.tensor(float(len(margin)), dtype=torch.float64, device=device)])
-    if world > 1:
-        totals = accelerator.reduce(totals, reduction="sum")
-    model.train(was_training)
+        return torch.stack([(margin > 0).double().sum(), margin.sum(), -F.logsigmoid(margin).sum(),
+                            torch.tensor(float(len(margin)), dtype=torch.float64, device=margin.device)])
+
+    totals = sum_over_ranks(model, features, batch_size, lambda rows: collate_pairs(rows, pad_id), measure, 4,
+                            accelerator)
     pairs = max(totals[3].item(), 1.0)
     return {"pairwise_accuracy": totals[0].item() / pairs, "mean_margin": totals[1].item() / pairs,
             "loss": totals[2].item() / pairs, "pairs": int(totals[3].item())}

@@ -1,7 +1,8 @@
 """What every stage does around its training: the run directory, manifest, tracking, final save, report.
 
-A stage creates a RunSession, asks it for data and a tokenizer, trains through `ftl.train.loop.fit`
-and hands the result to `finish`. Only the main process writes files.
+A stage creates a RunSession, asks it for data and a tokenizer, applies its method through
+`apply_method` (which writes the manifest and opens `self.log`, the metrics sink, once the trainable
+parameters are known), trains, and hands the result to `finish`. Only the main process writes files.
 """
 
 from __future__ import annotations
