@@ -1,4 +1,4 @@
-"""`ftl run | launch | plan | merge | pipeline | eval`: the command line. Errors from bad input print one clear line, no traceback."""
+"""`ftl run | launch | plan | merge | pipeline | eval | slurm`: the command line. Errors from bad input print one clear line, no traceback."""
 
 from __future__ import annotations
 
@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--resume", action="store_true")
     launch.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
     launch.add_argument("--force", action="store_true", help="launch even when the plan says it cannot fit")
+    launch.add_argument("--machine-rank", type=int, default=None,
+                        help="multi-node: this node's rank (the Slurm scripts pass $SLURM_NODEID)")
+    launch.add_argument("--main-ip", default=None, help="multi-node: address of the first node (rendezvous)")
     launch.set_defaults(handler=cmd_launch)
 
     plan = sub.add_parser("plan", help="print the launch command and a per-device memory estimate")
@@ -57,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("pipeline", help="pipeline YAML (e.g. recipes/rlhf/pipeline.yaml)")
     pipe.add_argument("--profile", "-p", default=None)
     pipe.add_argument("--force", action="store_true", help="rerun stages even when unchanged and complete")
+    pipe.add_argument("--slurm", action="store_true", help="submit each stage as a Slurm job (afterok chain)")
+    pipe.add_argument("--dry-run", action="store_true", help="with --slurm: print the sbatch commands only")
+    _job_args(pipe)
     pipe.set_defaults(handler=cmd_pipeline)
 
     ev = sub.add_parser("eval", help="evaluate a run directory or a model folder")
@@ -66,12 +72,43 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="validation", choices=["train", "validation", "test"])
     ev.add_argument("--out", default=None, help="where to write eval.json / eval.md (default: target)")
     ev.set_defaults(handler=cmd_eval)
+
+    slurm = sub.add_parser("slurm", help="submit, watch and cancel Slurm jobs").add_subparsers(
+        dest="slurm_command", required=True)
+    submit = slurm.add_parser("submit", help="render the recipe's sbatch script, print it and submit it")
+    _recipe_args(submit)
+    submit.add_argument("--nodes", type=int, default=None, help="nodes (default: the recipe's launch.num_machines)")
+    submit.add_argument("--gpus-per-node", type=int, default=None,
+                        help="GPUs per node (default: launch.num_processes on GPU profiles)")
+    _job_args(submit)
+    submit.add_argument("--dry-run", action="store_true", help="print the script and sbatch command only")
+    submit.set_defaults(handler=cmd_slurm_submit)
+    status = slurm.add_parser("status", help="state of jobs, or of a pipeline's stage jobs (default: squeue)")
+    status.add_argument("targets", nargs="*", help="job ids or pipeline folders (from ftl pipeline --slurm)")
+    status.set_defaults(handler=cmd_slurm_status)
+    cancel = slurm.add_parser("cancel", help="cancel jobs, or all of a pipeline's stage jobs")
+    cancel.add_argument("targets", nargs="+", help="job ids or pipeline folders")
+    cancel.set_defaults(handler=cmd_slurm_cancel)
+    end = slurm.add_parser("job-end", help="(called by the job scripts) requeue a preempted run, finish a stage")
+    end.add_argument("code", type=int, help="the training step's exit code")
+    _recipe_args(end)
+    end.set_defaults(handler=cmd_slurm_job_end)
     return parser
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--partition", default=None)
+    p.add_argument("--time", default=None, help="time limit, e.g. 24:00:00")
+    p.add_argument("--account", default=None)
+    p.add_argument("--cpus-per-task", type=int, default=None)
+    p.add_argument("--signal-seconds", type=int, default=300,
+                   help="USR1 this long before the time limit: the run checkpoints and the job requeues")
 
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML file")
-    p.add_argument("--profile", "-p", default=None, help="profile to apply (tiny, small, gpu1, node8, ...)")
+    p.add_argument("--profile", "-p", default=None, type=lambda name: name or None,
+                   help="profile to apply (tiny, small, gpu1, node8, ...)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
 
 
@@ -90,12 +127,14 @@ def cmd_run(args) -> int:
 
 def cmd_launch(args) -> int:
     from ftl.config import load_recipe
-    from ftl.launch.command import build_launch_command, runnable
-
+    from ftl.launch.command import NodeRole, build_launch_command, runnable
     from ftl.plan import make_plan, render_plan
 
+    if (args.machine_rank is None) != (args.main_ip is None):
+        raise LaunchError("--machine-rank and --main-ip go together (multi-node launches)")
+    node = NodeRole(args.machine_rank, args.main_ip) if args.main_ip else None
     recipe = load_recipe(args.recipe, args.profile, args.overrides)
-    command = build_launch_command(recipe, args.recipe, args.overrides, resume=args.resume)
+    command = build_launch_command(recipe, args.recipe, args.overrides, resume=args.resume, node=node)
     plan = make_plan(recipe)
     print(render_plan(plan).split("\n\n")[0], flush=True)
     if not plan.fits and not args.force:
@@ -128,10 +167,57 @@ def cmd_merge(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
+    if args.slurm:
+        from ftl.slurm.pipeline_jobs import submit_pipeline
+
+        submit_pipeline(args.pipeline, args.profile, job_options(args), force=args.force, dry_run=args.dry_run)
+        return 0
+    if args.dry_run:
+        raise LaunchError("--dry-run goes with --slurm (a local pipeline runs its stages)")
     from ftl.pipeline import run_pipeline
 
     run_pipeline(args.pipeline, args.profile, force=args.force)
     return 0
+
+
+def job_options(args):
+    from ftl.slurm.script import JobOptions
+
+    return JobOptions(nodes=getattr(args, "nodes", None), gpus_per_node=getattr(args, "gpus_per_node", None),
+                      cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time,
+                      account=args.account, signal_seconds=args.signal_seconds)
+
+
+def cmd_slurm_submit(args) -> int:
+    from ftl.slurm.submit import submit_recipe
+
+    submit_recipe(args.recipe, args.profile, args.overrides, job_options(args), dry_run=args.dry_run)
+    return 0
+
+
+def cmd_slurm_status(args) -> int:
+    from ftl.slurm import jobs
+    from ftl.slurm.status import report
+
+    if not args.targets:
+        print(jobs.queue(), end="")
+        return 0
+    text, code = report(args.targets)
+    print(text)
+    return code
+
+
+def cmd_slurm_cancel(args) -> int:
+    from ftl.slurm.status import cancel
+
+    print(f"ftl slurm: cancelled {' '.join(cancel(args.targets)) or 'nothing'}")
+    return 0
+
+
+def cmd_slurm_job_end(args) -> int:
+    from ftl.slurm.job_end import job_end
+
+    return job_end(args.code, args.recipe, args.profile, args.overrides)
 
 
 def cmd_eval(args) -> int:

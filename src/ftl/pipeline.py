@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Optional
 
 import yaml
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ftl import run_dir as layout
 from ftl.config import load_recipe, resolved_dict
+from ftl.config.schema import Recipe
 from ftl.errors import FtlError, RecipeError
 
 STAGE_FILE = "stage.json"
@@ -76,16 +78,29 @@ def is_complete(stage_dir: Path, expected: str) -> bool:
     return state.get("fingerprint") == expected and Path(state.get("output", "")).exists()
 
 
-def run_pipeline(path: str | Path, profile: Optional[str] = None, force: bool = False) -> dict:
-    from ftl.launch.command import build_launch_command, runnable
+@dataclass
+class StagePlan:
+    name: str
+    recipe_path: Path
+    recipe: Recipe
+    overrides: list[str]
+    stage_dir: Path
+    output: Path
+    fingerprint: str
+    complete: bool           # unchanged since it last completed: nothing to run
 
-    path = Path(path)
+
+def pipeline_root(spec: PipelineSpec, profile: Optional[str]) -> Path:
+    return Path(spec.output_dir.format(name=spec.name, profile=profile or "base"))
+
+
+def plan_stages(path: Path, profile: Optional[str], force: bool = False) -> tuple[PipelineSpec, list[StagePlan]]:
+    """Every stage's recipe, run directory and output, and whether it is already done."""
     spec = load_pipeline(path)
-    root = Path(spec.output_dir.format(name=spec.name, profile=profile or "base"))
-    root.mkdir(parents=True, exist_ok=True)
+    root = pipeline_root(spec, profile)
     outputs: dict[str, Path] = {}
     prints: dict[str, str] = {}
-    summary = []
+    plans = []
     for stage in spec.stages:
         stage_dir = root / stage.name
         recipe_path = path.parent / stage.recipe
@@ -98,31 +113,75 @@ def run_pipeline(path: str | Path, profile: Optional[str] = None, force: bool = 
         expected = fingerprint(resolved_dict(recipe), {k: prints[s] for k, s in stage.inputs.items()})
         output = model_output(stage_dir, recipe.method.kind)
         prints[stage.name], outputs[stage.name] = expected, output
-        if not force and is_complete(stage_dir, expected):
-            print(f"ftl pipeline: stage '{stage.name}' unchanged and complete: skipped ({output})", flush=True)
-            summary.append({"stage": stage.name, "status": "skipped", "output": str(output)})
+        complete = not force and is_complete(stage_dir, expected)
+        # a rerun stage invalidates the ones after it through their input fingerprints
+        plans.append(StagePlan(stage.name, recipe_path, recipe, overrides, stage_dir, output, expected, complete))
+    return spec, plans
+
+
+def run_pipeline(path: str | Path, profile: Optional[str] = None, force: bool = False) -> dict:
+    from ftl.launch.command import build_launch_command, runnable
+
+    path = Path(path)
+    spec, plans = plan_stages(path, profile, force)
+    root = pipeline_root(spec, profile)
+    root.mkdir(parents=True, exist_ok=True)
+    summary = []
+    for plan in plans:
+        if plan.complete:
+            print(f"ftl pipeline: stage '{plan.name}' unchanged and complete: skipped ({plan.output})", flush=True)
+            summary.append({"stage": plan.name, "status": "skipped", "output": str(plan.output)})
             continue
         started = time.time()
-        command = build_launch_command(recipe, str(recipe_path), overrides)
-        print(f"ftl pipeline: stage '{stage.name}' running: {command.shell()}", flush=True)
-        log = stage_dir.parent / f"{stage.name}.log"
+        command = build_launch_command(plan.recipe, str(plan.recipe_path), plan.overrides)
+        print(f"ftl pipeline: stage '{plan.name}' running: {command.shell()}", flush=True)
+        log = root / f"{plan.name}.log"
         code = run_logged(runnable(command), log)
-        if code == 0 and output.name == "merged":
-            code = run_logged(([sys.executable, "-m", "ftl", "merge", str(stage_dir)], None), log, append=True)
-        if code != 0 or not output.exists():
+        if code == 0:
+            code = finish_stage(plan, log)
+        if code != 0 or not plan.output.exists():
             tail = "".join(log.read_text(errors="replace").splitlines(True)[-15:])
-            raise PipelineError(f"stage '{stage.name}' failed (exit {code}); later stages not run. "
+            raise PipelineError(f"stage '{plan.name}' failed (exit {code}); later stages not run. "
                                 f"Log: {log}\n{tail}")
-        (stage_dir / STAGE_FILE).write_text(json.dumps({"fingerprint": expected, "output": str(output)}))
-        summary.append({"stage": stage.name, "status": "ran", "seconds": round(time.time() - started, 1),
-                        "output": str(output)})
+        summary.append({"stage": plan.name, "status": "ran", "seconds": round(time.time() - started, 1),
+                        "output": str(plan.output)})
     report = write_pipeline_report(root, spec, summary)
     print(f"ftl pipeline: done; report {report}", flush=True)
     return {"root": str(root), "stages": summary, "report": str(report)}
 
 
-def run_logged(argv_env, log: Path, append: bool = False) -> int:
+def finish_stage(plan: StagePlan, log: Optional[Path] = None) -> int:
+    """After a stage trained: merge its adapter when the next stage needs a whole model, then mark it
+    complete (recipe + inputs fingerprint) so an unchanged rerun skips it."""
+    code = 0
+    if plan.output.name == "merged":
+        code = run_logged(([sys.executable, "-m", "ftl", "merge", str(plan.stage_dir)], None), log, append=True)
+    if code == 0 and plan.output.exists():
+        (plan.stage_dir / STAGE_FILE).write_text(json.dumps({"fingerprint": plan.fingerprint,
+                                                             "output": str(plan.output)}))
+    return code if code else (0 if plan.output.exists() else 1)
+
+
+def complete_stage(path: str | Path, profile: Optional[str], name: str) -> None:
+    """finish_stage for one stage of a pipeline run as Slurm jobs (called by the stage's own job)."""
+    _, plans = plan_stages(Path(path), profile, force=True)
+    plan = next((p for p in plans if p.name == name), None)
+    if plan is None:
+        raise PipelineError(f"{path}: no stage named '{name}'")
+    if finish_stage(plan) != 0:
+        raise PipelineError(f"stage '{name}': no model at {plan.output} after training")
+    print(f"ftl pipeline: stage '{name}' complete: {plan.output}", flush=True)
+    if plan is plans[-1]:
+        spec = load_pipeline(Path(path))
+        summary = [{"stage": p.name, "status": "ran as a Slurm job", "output": str(p.output)} for p in plans]
+        print(f"ftl pipeline: done; report {write_pipeline_report(pipeline_root(spec, profile), spec, summary)}")
+
+
+def run_logged(argv_env, log: Optional[Path], append: bool = False) -> int:
+    """Run with output to `log` (None: this process's own output, e.g. a Slurm job's log)."""
     argv, env = argv_env
+    if log is None:
+        return subprocess.run(argv, env=env or os.environ).returncode
     with log.open("a" if append else "w") as out:
         return subprocess.run(argv, env=env or os.environ, stdout=out, stderr=subprocess.STDOUT).returncode
 

@@ -7,6 +7,7 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from ftl.config.schema import Recipe
 from ftl.errors import LaunchError
@@ -31,9 +32,24 @@ def ftl_run_args(recipe_path: str, profile: str | None, overrides: list[str], re
     return args + list(overrides)
 
 
+@dataclass
+class NodeRole:
+    """This machine's place in a multi-node job: its rank and the first node's address, where the
+    c10d rendezvous is hosted (the Slurm scripts read both inside each node's task)."""
+    machine_rank: int
+    main_ip: str
+
+    def rdzv_conf(self) -> str:
+        # explicit: on emulated nodes sharing one address every node would think it is the host
+        return f"is_host={'true' if self.machine_rank == 0 else 'false'}"
+
+
 def build_launch_command(recipe: Recipe, recipe_path: str, overrides: list[str] = (),
-                         resume: bool = False, python: str = "python") -> LaunchCommand:
+                         resume: bool = False, python: str = "python",
+                         node: Optional[NodeRole] = None) -> LaunchCommand:
     launch = recipe.launch
+    if node and launch.num_machines == 1:
+        raise LaunchError("--machine-rank/--main-ip are for multi-node launches (launch.num_machines > 1)")
     run_args = ftl_run_args(recipe_path, recipe.profile, overrides, resume)
     env = dict(launch.env)
     if launch.device == "cpu":
@@ -44,19 +60,26 @@ def build_launch_command(recipe: Recipe, recipe_path: str, overrides: list[str] 
             raise LaunchError("launch.launcher 'python' runs one process; use accelerate or torchrun for more")
         return LaunchCommand([python] + run_args, env)
     if launch.launcher == "accelerate":
-        return LaunchCommand(accelerate_argv(recipe) + run_args, env)
+        return LaunchCommand(accelerate_argv(recipe, node) + run_args, env)
     if launch.launcher == "torchrun":
-        return LaunchCommand(["torchrun", f"--nproc_per_node={launch.num_processes}",
-                              f"--nnodes={launch.num_machines}",
-                              f"--master_port={launch.main_process_port}"] + run_args, env)
-    if launch.launcher == "deepspeed":  # --no_local_rank: ftl reads LOCAL_RANK from the environment
+        argv = ["torchrun", f"--nproc_per_node={launch.num_processes}", f"--nnodes={launch.num_machines}"]
+        if node:
+            argv += [f"--node_rank={node.machine_rank}", "--rdzv_backend=c10d",
+                     f"--rdzv_endpoint={node.main_ip}:{launch.main_process_port}", f"--rdzv_conf={node.rdzv_conf()}"]
+        else:
+            argv.append(f"--master_port={launch.main_process_port}")
+        return LaunchCommand(argv + run_args, env)
+    if launch.launcher == "deepspeed":
+        if node:
+            raise LaunchError("launch.launcher 'deepspeed' starts remote nodes itself (pdsh/ssh); under Slurm, "
+                              "where srun starts one task per node, use launcher accelerate or torchrun")  # --no_local_rank: ftl reads LOCAL_RANK from the environment
         return LaunchCommand(["deepspeed", f"--num_gpus={launch.num_processes}", f"--num_nodes={launch.num_machines}",
                               f"--master_port={launch.main_process_port}", "--no_local_rank", "--module"]
                              + run_args[1:], env)
     raise LaunchError(f"launch.launcher '{launch.launcher}' is not supported")
 
 
-def accelerate_argv(recipe: Recipe) -> list[str]:
+def accelerate_argv(recipe: Recipe, node: Optional[NodeRole] = None) -> list[str]:
     launch = recipe.launch
     total = launch.num_processes * launch.num_machines
     argv = ["accelerate", "launch"]
@@ -74,7 +97,20 @@ def accelerate_argv(recipe: Recipe) -> list[str]:
              "--main_process_port", str(launch.main_process_port)]
     if launch.num_machines == 1:
         argv += ["--machine_rank", "0"]
+    elif node:
+        argv += ["--machine_rank", str(node.machine_rank), "--main_process_ip", node.main_ip,
+                 "--rdzv_backend", "c10d", "--rdzv_conf", node.rdzv_conf()]
+        if config_uses_deepspeed(launch.config_file):
+            # each node's task starts its own ranks (torchrun); DeepSpeed's default pdsh would ssh
+            argv += ["--deepspeed_multinode_launcher", "standard"]
     return argv
+
+
+def config_uses_deepspeed(config_file: Optional[str]) -> bool:
+    import yaml
+
+    return bool(config_file) and (yaml.safe_load(Path(config_file).read_text()) or {}).get(
+        "distributed_type") == "DEEPSPEED"
 
 
 def runnable(command: LaunchCommand) -> tuple[list[str], dict[str, str]]:

@@ -127,6 +127,8 @@ def rank_checks(accelerator, model) -> list[dict]:
             digest.update(local.detach().float().cpu().numpy().tobytes())
     mine = {"rank": accelerator.process_index, "world_size": accelerator.num_processes,
             "param_digest": digest.hexdigest()[:16]}
+    if "SLURM_NODEID" in os.environ:  # which node of a Slurm job this rank ran on
+        mine["slurm_node"] = int(os.environ["SLURM_NODEID"])
     if uses_deepspeed(accelerator):
         from ftl.train.zero_memory import measure_model_states
 

@@ -1,0 +1,21 @@
+#!/bin/bash
+# Stages as separate jobs, each starting only when the one before it succeeded (afterok). A failed
+# stage's dependants are cancelled by Slurm (--kill-on-invalid-dep), so none waits forever.
+#
+#   slurm/pipeline.sh PROFILE RECIPE [RECIPE ...]
+#   slurm/pipeline.sh tiny recipes/sft_chat.yaml recipes/qlora_single.yaml
+#
+# This chains independent recipes. `ftl pipeline PIPELINE.yaml --profile P --slurm` does the same for a
+# pipeline file and also hands each stage's model to the next, merges adapters and skips stages whose
+# recipe and inputs are unchanged since they completed.
+set -euo pipefail
+profile=$1
+shift
+previous=""
+for recipe in "$@"; do
+  dependency=()
+  if [ -n "$previous" ]; then dependency=(--dependency="afterok:$previous"); fi
+  previous=$(sbatch --parsable --kill-on-invalid-dep=yes "${dependency[@]}" \
+    slurm/train_node.sbatch "$recipe" "$profile")
+  echo "$recipe: job $previous${dependency:+ (after ${dependency[0]#--dependency=})}"
+done
