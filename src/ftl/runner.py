@@ -7,7 +7,8 @@ from ftl.run_dir import run_dir_for
 
 STAGES = {"sft": "ftl.stages.sft:run_sft", "reward": "ftl.stages.reward:run_reward",
           "ppo": "ftl.stages.ppo:run_ppo", "dpo": "ftl.stages.dpo:run_dpo",
-          "grpo": "ftl.stages.grpo:run_grpo"}
+          "grpo": "ftl.stages.grpo:run_grpo", "classify": "ftl.stages.classify:run_classify",
+          "upft": "ftl.stages.upft:run_upft"}
 
 
 def stage_function(stage: str):

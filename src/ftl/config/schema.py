@@ -42,6 +42,8 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     gradient_checkpointing: bool = False
+    init: Literal["pretrained", "scratch"] = Field(
+        "pretrained", description="scratch: the same architecture freshly initialised (fine-tune vs from scratch)")
     architecture: Optional[dict[str, Any]] = Field(
         None, description="model config fields (model_type, hidden_size, ...) for `ftl plan` when the "
                           "model folder is not on this machine")
@@ -97,8 +99,19 @@ METHOD_KINDS = ("full", "lora", "dora", "qlora", "lora8bit", "prefix", "prompt",
                 "llama_adapter", "adapter")
 
 
+class QATOptions(Section):
+    """Quantization-aware fine-tuning (torchao): weights (and optionally activations) fake-quantised
+    while training, converted to really quantised weights at the end."""
+
+    enabled: bool = False
+    weight_dtype: Literal["int4", "int8"] = "int4"
+    group_size: int = Field(32, gt=0, description="weights per quantisation scale")
+    activations: bool = Field(False, description="also fake-quantise activations (int8, per token)")
+
+
 class MethodConfig(Section):
     kind: Literal[METHOD_KINDS] = "full"
+    qat: QATOptions = QATOptions()
     lora: LoraOptions = LoraOptions()
     quant: QuantOptions = QuantOptions()
     prompt: PromptOptions = PromptOptions()
@@ -159,6 +172,46 @@ class DataConfig(Section):
     system_prompt: Optional[str] = None
 
 
+class FreezeConfig(Section):
+    """Frozen before training (on top of what the method freezes); the manifest lists what trains."""
+
+    embeddings: bool = False
+    bottom_layers: int = Field(0, ge=0, description="transformer blocks frozen, counted from the input")
+    modules: list[str] = Field([], description="parameter-name patterns (fnmatch) to freeze")
+
+
+class LayerLRConfig(Section):
+    """Layer-wise learning rates: train.lr for the top block, lr * decay**depth below it."""
+
+    head_lr: Optional[float] = Field(None, gt=0, description="rate for the new head (default train.lr)")
+    decay: Optional[float] = Field(None, gt=0, le=1, description="per-block factor going down from the top")
+
+
+class UnfreezeStage(Section):
+    """One stage of staged (gradual) unfreezing: what trains, how long, at what rate."""
+
+    epochs: Optional[float] = Field(None, gt=0)
+    steps: Optional[int] = Field(None, gt=0)
+    lr: float = Field(..., gt=0)
+    top_blocks: Union[int, Literal["all"]] = Field(
+        0, description="pretrained blocks trained, from the top (0: head only; all: every weight)")
+
+    @model_validator(mode="after")
+    def _length(self):
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError("an unfreeze stage needs exactly one of epochs or steps")
+        return self
+
+
+class EarlyStoppingConfig(Section):
+    """Evaluate and checkpoint every epoch; stop after `patience` epochs without improvement; keep the best."""
+
+    metric: Optional[str] = Field(None, description="validation metric (loss, accuracy, macro_f1, ...)")
+    mode: Literal["min", "max"] = "min"
+    patience: int = Field(2, gt=0)
+    min_delta: float = Field(0.0, ge=0)
+
+
 class TrainConfig(Section):
     seed: int = 0
     lr: float = Field(2e-5, gt=0)
@@ -176,6 +229,10 @@ class TrainConfig(Section):
     log_every: int = Field(1, gt=0)
     save_every: Optional[int] = Field(None, gt=0, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(2, gt=0)
+    freeze: FreezeConfig = FreezeConfig()
+    layer_lr: LayerLRConfig = LayerLRConfig()
+    unfreeze: list[UnfreezeStage] = Field([], description="staged unfreezing schedule (replaces epochs/max_steps)")
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
 
 
 class GenerateConfig(Section):
@@ -262,7 +319,33 @@ class GRPOOptions(Section):
     beta: float = Field(0.04, ge=0, description="KL coefficient to the reference")
 
 
-STAGES = ("sft", "reward", "ppo", "dpo", "grpo")
+class UPFTOptions(Section):
+    """Unsupervised prefix fine-tuning (Ji et al. 2025): train on the first k tokens of the model's own
+    sampled responses to unlabelled prompts; a fraction of samples keep their full length."""
+
+    prefix_tokens: int = Field(8, gt=0, description="k: response tokens trained on")
+    full_fraction: float = Field(0.1, ge=0, le=1, description="share of samples trained at full length")
+    samples_per_prompt: int = Field(1, gt=0)
+    max_new_tokens: int = Field(64, gt=0, description="length of the full-length samples")
+    temperature: float = Field(0.7, gt=0)
+    top_k: int = Field(0, ge=0)
+
+
+class ClassifyOptions(Section):
+    labels: Optional[list[str]] = Field(None, description="label names in id order (default: sorted from data)")
+    train_head_only: bool = Field(False, description="freeze the whole pretrained model; train the head")
+
+
+class CompareConfig(Section):
+    """`ftl compare`: the same recipe under several variants (each a list of dotted overrides)."""
+
+    variants: dict[str, list[str]] = {}
+    target_metric: Optional[str] = Field(None, description="validation metric for 'steps to reach target'")
+    target_value: Optional[float] = None
+    target_mode: Literal["min", "max"] = "max"
+
+
+STAGES = ("sft", "reward", "ppo", "dpo", "grpo", "classify", "upft")
 
 
 class Recipe(Section):
@@ -281,6 +364,9 @@ class Recipe(Section):
                                                           "compare the policy with its reference at the end")
     dpo: DPOOptions = DPOOptions()
     grpo: GRPOOptions = GRPOOptions()
+    upft: UPFTOptions = UPFTOptions()
+    classify: ClassifyOptions = ClassifyOptions()
+    compare: CompareConfig = CompareConfig()
     profiles: dict[str, dict[str, Any]] = {}
 
     @model_validator(mode="after")
@@ -289,6 +375,10 @@ class Recipe(Section):
             raise ValueError(f"stage '{self.stage}' needs a 'ppo' section (at least ppo.reward)")
         if self.stage in ("reward", "dpo") and self.data.format != "preference":
             raise ValueError(f"stage '{self.stage}' trains on data.format 'preference' (prompt, chosen, rejected)")
+        if self.stage == "classify" and self.data.format != "classification":
+            raise ValueError("stage 'classify' trains on data.format 'classification' (text, label)")
+        if self.stage == "upft" and self.data.format not in ("prompts", "chat", "prompt_completion"):
+            raise ValueError("stage 'upft' needs unlabelled prompts: data.format prompts, chat or prompt_completion")
         if self.stage in ("ppo", "grpo") and self.data.format not in ("prompts", "chat", "prompt_completion", "preference"):
             raise ValueError(f"stage '{self.stage}' needs prompts: data.format prompts, chat, prompt_completion or "
                              "preference")
