@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -80,6 +81,19 @@ def test_submitted_recipe_completes_with_checkpoint_and_metrics(slurm, tiny_reci
     assert len(train_losses(run)) == 16 and json.loads((run / "manifest.json").read_text())["finished"]
     status = ftl(slurm, "slurm", "status", job_id, cwd=tmp_path)
     assert status.returncode == 0 and "COMPLETED" in status.stdout
+
+
+def test_template_in_slurm_folder_runs_as_is_with_sbatch(slurm, tiny_recipe, tmp_path):
+    recipe = tiny_recipe(train={"max_steps": 4, "save_every": 4})
+    # the template's own #SBATCH defaults ask for 8 GPUs and 64 cores: overridden on the command line
+    proc = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=1", "--cpus-per-task=1", "--time=30",
+                           f"--output={tmp_path}/job-%j.out", str(ROOT / "slurm" / "train_node.sbatch"),
+                           str(recipe), ""], env={**slurm.env, "FTL_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"},
+                          cwd=tmp_path, capture_output=True, text=True, check=True)
+    info = wait_for(slurm, proc.stdout.strip())
+    log = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
+    assert info["JobState"] == "COMPLETED", log
+    assert (tmp_path / "run" / "final").is_dir() and len(train_losses(tmp_path / "run")) == 4
 
 
 def test_two_node_job_trains_over_gloo_in_sync(slurm, tiny_recipe, tmp_path):
