@@ -25,6 +25,7 @@ from ftl.track.manifest import update_manifest, write_manifest
 from ftl.track.metrics import MetricsLog
 from ftl.track.plot import plot_curves
 from ftl.train.checkpoint import latest_checkpoint
+from ftl.train.controls import apply_freeze, check_loop_controls, trainable_names
 from ftl.train.distributed import is_sharded, make_accelerator, rank_checks
 
 BEFORE_FILE = "eval_before.json"
@@ -35,6 +36,7 @@ class RunSession:
         from accelerate.utils import set_seed
 
         self.recipe, self.run_dir, self.resume = recipe, run_dir, resume
+        check_loop_controls(recipe)
         self.accelerator = make_accelerator(recipe.train, recipe.launch)
         self.main = self.accelerator.is_main_process
         set_seed(recipe.train.seed)
@@ -43,7 +45,7 @@ class RunSession:
         if self.main:
             if not resume and (run_dir / layout.METRICS_FILE).exists():
                 # A fresh run in a used directory: start clean rather than mix two runs' files.
-                for name in ("checkpoints", layout.FINAL_DIR, layout.TOKENIZER_DIR, "base", "wandb"):
+                for name in ("checkpoints", layout.FINAL_DIR, layout.TOKENIZER_DIR, "base", "wandb", "best"):
                     shutil.rmtree(run_dir / name, ignore_errors=True)
             run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved(recipe, run_dir / layout.RECIPE_FILE)
@@ -81,13 +83,21 @@ class RunSession:
 
     def apply_method(self, model, task_type: str = "CAUSAL_LM"):
         model = apply_method(model, self.recipe.method, self.recipe.model.gradient_checkpointing, task_type)
+        frozen = apply_freeze(model, self.recipe.train.freeze)  # train.freeze, on top of the method
         summary = trainable_summary(model)
+        summary["frozen_by_train_freeze"] = len(frozen)
+        summary["names"] = trainable_names(model)
         self.manifest_fields["trainable"] = summary
         self.accelerator.print(f"ftl: method {self.recipe.method.kind}: {summary['trainable_params']:,} of "
                                f"{summary['total_params']:,} parameters train "
                                f"({100 * summary['trainable_share']:.2f}%)")
         self._start_tracking()
         return model
+
+    def model_saver(self, tokenizer) -> Callable:
+        """save(model, folder): the same kind of folder as final/ (for the loop's best/ copy)."""
+        return lambda model, target: save_final_model(self.accelerator, model, tokenizer, target,
+                                                      self.recipe.method)
 
     # -- tracking --------------------------------------------------------------------------
     def _start_tracking(self) -> None:

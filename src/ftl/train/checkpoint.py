@@ -40,6 +40,11 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, keep: in
     return final
 
 
+def read_state(path: Path) -> dict:
+    """The loop's own state saved with a checkpoint (step, unfreeze stage, early-stopping record)."""
+    return json.loads((path / STATE_FILE).read_text())
+
+
 def load_checkpoint(accelerator, path: Path) -> dict:
     accelerator.load_state(str(path))
-    return json.loads((path / STATE_FILE).read_text())
+    return read_state(path)
