@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast bench compare clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,10 @@ test-fast: venv
 
 bench: venv
 	$(PY) bench/run.py
+
+# every method vs from scratch on real data and model (SmolLM2-135M, Chinese sentiment): runs/compare-*
+compare: venv
+	$(PY) -m ftl compare recipes/classify_sentiment_zh.yaml --profile small
 
 clean:
 	rm -rf runs bench/results/*.tmp .pytest_cache

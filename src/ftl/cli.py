@@ -1,4 +1,4 @@
-"""`ftl run | launch | plan | merge | pipeline | eval | slurm`: the command line. Errors from bad input print one clear line, no traceback."""
+"""`ftl run | launch | plan | merge | pipeline | eval | compare | slurm`: the command line. Errors from bad input print one clear line, no traceback."""
 
 from __future__ import annotations
 
@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="validation", choices=["train", "validation", "test"])
     ev.add_argument("--out", default=None, help="where to write eval.json / eval.md (default: target)")
     ev.set_defaults(handler=cmd_eval)
+
+    compare = sub.add_parser("compare", help="run a recipe's compare.variants (methods, from scratch) and report")
+    _recipe_args(compare)
+    compare.add_argument("--variants", default=None, help="comma-separated subset of compare.variants")
+    compare.add_argument("--out", default=None, help="report folder (default: runs/compare-NAME-PROFILE)")
+    compare.set_defaults(handler=cmd_compare)
 
     slurm = sub.add_parser("slurm", help="submit, watch and cancel Slurm jobs").add_subparsers(
         dest="slurm_command", required=True)
@@ -177,6 +183,14 @@ def cmd_pipeline(args) -> int:
     from ftl.pipeline import run_pipeline
 
     run_pipeline(args.pipeline, args.profile, force=args.force)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from ftl.compare import run_compare
+
+    only = [v.strip() for v in args.variants.split(",")] if args.variants else None
+    run_compare(args.recipe, args.profile, args.overrides, only, args.out)
     return 0
 
 

@@ -375,6 +375,9 @@ class Recipe(Section):
             raise ValueError(f"stage '{self.stage}' needs a 'ppo' section (at least ppo.reward)")
         if self.stage in ("reward", "dpo") and self.data.format != "preference":
             raise ValueError(f"stage '{self.stage}' trains on data.format 'preference' (prompt, chosen, rejected)")
+        if self.model.init == "scratch" and self.method.kind != "full":
+            raise ValueError(f"model.init 'scratch' trains every weight of a fresh model: method.kind must be "
+                             f"'full', not '{self.method.kind}'")
         if self.stage == "classify" and self.data.format != "classification":
             raise ValueError("stage 'classify' trains on data.format 'classification' (text, label)")
         if self.stage == "upft" and self.data.format not in ("prompts", "chat", "prompt_completion"):

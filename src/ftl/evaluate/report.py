@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-SCALARS = ("loss", "perplexity", "accuracy", "precision", "recall", "f1", "tokens")
+SCALARS = ("loss", "perplexity", "accuracy", "precision", "recall", "f1", "macro_f1", "tokens")
 
 
 def write_report(out_dir: Path, results: dict[str, dict]) -> tuple[Path, Path]:
@@ -18,6 +18,7 @@ def write_report(out_dir: Path, results: dict[str, dict]) -> tuple[Path, Path]:
 
 
 def render_table(results: dict[str, dict]) -> str:
+    results = with_nested_phases(results)
     phases = list(results)
     extra = [k for p in phases for k, v in results[p].items()
              if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in SCALARS]
@@ -26,6 +27,11 @@ def render_table(results: dict[str, dict]) -> str:
     for key in keys:
         cells = [_fmt(results[p].get(key)) for p in phases]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    confused = [p for p in phases if results[p].get("confusion_matrix")]
+    if confused:
+        lines += ["", "## Confusion matrix (rows: true label, columns: predicted)", ""]
+        for p in confused:
+            lines += [f"**{p}**", "", confusion_table(results[p]["confusion_matrix"], results[p]["classes"]), ""]
     sampled = [p for p in phases if results[p].get("samples")]
     if sampled:
         lines += ["", "## Generations", ""]
@@ -37,6 +43,23 @@ def render_table(results: dict[str, dict]) -> str:
                 lines.append(f"- {p}: {results[p]['samples'][i]['generation']}")
             lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def with_nested_phases(results: dict[str, dict]) -> dict[str, dict]:
+    """Metrics nested in a phase (e.g. after → test) become phases of their own ('after/test')."""
+    out = {}
+    for phase, metrics in results.items():
+        out[phase] = metrics
+        for key, value in metrics.items():
+            if isinstance(value, dict) and any(isinstance(v, (int, float)) for v in value.values()):
+                out[f"{phase}/{key}"] = value
+    return out
+
+
+def confusion_table(matrix: list[list[int]], classes: list) -> str:
+    lines = ["| true \\ predicted | " + " | ".join(map(str, classes)) + " |", "|---" * (len(classes) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(map(str, row)) + " |" for name, row in zip(classes, matrix)]
+    return "\n".join(lines)
 
 
 def _fmt(value) -> str:

@@ -79,7 +79,15 @@ def load_model(cfg: ModelConfig, base_dir: Path, quant_bits: Optional[int] = Non
             kwargs["dtype"] = getattr(torch, quant_options.compute_dtype)
     if head == "sequence_classification":
         kwargs["num_labels"] = num_labels
-    model = getattr(transformers, HEADS[head]).from_pretrained(base_dir, **kwargs)
+    auto = getattr(transformers, HEADS[head])
+    if cfg.init == "scratch":  # the same architecture, freshly initialised (seeded by train.seed)
+        if quant_bits:
+            raise RecipeError("model.init 'scratch' with a quantised method: quantising random weights "
+                              "trains nothing useful; use method.kind 'full'")
+        labels = {"num_labels": kwargs.pop("num_labels")} if "num_labels" in kwargs else {}
+        model = auto.from_config(transformers.AutoConfig.from_pretrained(base_dir, **labels), **kwargs)
+    else:
+        model = auto.from_pretrained(base_dir, **kwargs)
     if quant_bits == 4:
         guard_cpu_4bit_gradients(model)
     model.config.use_cache = False  # training and packed evaluation must not use a KV cache

@@ -1,0 +1,133 @@
+"""`ftl compare`: one recipe under several variants (methods, pretrained vs from scratch) on the same data,
+steps and evaluation, and one report: trainable share, peak memory, wall time, steps to reach a target
+validation metric, final validation and test metric — plus one plot of the validation curves."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Optional
+
+from ftl import run_dir as layout
+from ftl.config import load_recipe
+from ftl.config.schema import CompareConfig
+from ftl.errors import FtlError, RecipeError
+from ftl.track.metrics import read_metrics
+
+REPORT, PLOT = "compare.md", "compare.png"
+
+
+def run_compare(recipe_path: str, profile: Optional[str], overrides: list[str], only: Optional[list[str]] = None,
+                out: Optional[str] = None) -> Path:
+    from ftl.launch.command import build_launch_command, runnable
+
+    recipe = load_recipe(recipe_path, profile, overrides)
+    cfg = recipe.compare
+    variants = {name: v for name, v in cfg.variants.items() if not only or name in only}
+    if not variants:
+        raise RecipeError(f"{recipe_path}: compare.variants has no variant to run "
+                          f"(defined: {sorted(cfg.variants)}, asked: {only or 'all'})")
+    metric = cfg.target_metric or "loss"
+    root = Path(out or f"runs/compare-{recipe.name}-{recipe.profile or 'base'}")
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, variant in variants.items():
+        run_overrides = list(overrides) + list(variant) + [f"track.output_dir={root / name}"]
+        try:
+            variant_recipe = load_recipe(recipe_path, profile, run_overrides)
+        except RecipeError as err:
+            raise RecipeError(f"compare.variants.{name}: {err}") from None
+        command = build_launch_command(variant_recipe, recipe_path, run_overrides)
+        print(f"ftl compare: {name}: {command.shell()}", flush=True)
+        log = root / f"{name}.log"
+        started = time.time()
+        code, peak_kb = run_measured(runnable(command), log)
+        seconds = time.time() - started
+        if code != 0:
+            tail = "".join(log.read_text(errors="replace").splitlines(True)[-15:])
+            raise FtlError(f"compare: variant '{name}' failed (exit {code}); log {log}\n{tail}")
+        rows.append(summarise(name, root / name, metric, cfg, seconds, peak_kb))
+        print(f"ftl compare: {name}: {rows[-1]}", flush=True)
+    (root / "compare.json").write_text(json.dumps(rows, indent=1))
+    plot = plot_validation(rows, root, metric)
+    report = root / REPORT
+    report.write_text(render(rows, recipe.name, recipe.profile, metric, cfg, plot))
+    print(report.read_text(), flush=True)
+    print(f"ftl compare: report {report}", flush=True)
+    return report
+
+
+def run_measured(argv_env, log: Path) -> tuple[int, int]:
+    """Exit code and peak resident memory (KiB) of the launched process tree's largest process."""
+    argv, env = argv_env
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own usage, its waited-for children included
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_maxrss
+
+
+def summarise(name: str, run_dir: Path, metric: str, cfg: CompareConfig, seconds: float, peak_kb: int) -> dict:
+    manifest = json.loads((run_dir / layout.MANIFEST_FILE).read_text())
+    after = json.loads((run_dir / "eval.json").read_text())["after"]
+    curve = [(r["step"], r[f"eval/{metric}"]) for r in read_metrics(run_dir / layout.METRICS_FILE)
+             if f"eval/{metric}" in r]
+    trainable = manifest.get("trainable", {})
+    return {"variant": name, "trainable_params": trainable.get("trainable_params"),
+            "trainable_share": trainable.get("trainable_share"), "peak_rss_mb": round(peak_kb / 1024),
+            "seconds": round(seconds, 1), "steps_to_target": steps_to_target(curve, cfg),
+            f"validation_{metric}": after.get(metric), f"test_{metric}": (after.get("test") or {}).get(metric),
+            "curve": curve}
+
+
+def steps_to_target(curve: list[tuple[int, float]], cfg: CompareConfig) -> Optional[int]:
+    if cfg.target_value is None:
+        return None
+    reached = (lambda v: v >= cfg.target_value) if cfg.target_mode == "max" else (lambda v: v <= cfg.target_value)
+    return next((step for step, value in curve if reached(value)), None)
+
+
+def render(rows: list[dict], name: str, profile: Optional[str], metric: str, cfg: CompareConfig,
+           plot: Optional[Path]) -> str:
+    target = f"{metric} {'≥' if cfg.target_mode == 'max' else '≤'} {cfg.target_value}" \
+        if cfg.target_value is not None else "no target set"
+    lines = [f"# Compare: {name} ({profile or 'base'})", "",
+             f"Same data, steps and evaluation for every variant. Steps to target: first evaluation with {target}.",
+             "", f"| variant | trainable params | trainable % | peak RSS (MB) | wall (s) | steps to target | "
+                 f"validation {metric} | test {metric} |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        share = f"{100 * r['trainable_share']:.2f}" if r["trainable_share"] is not None else "-"
+        lines.append(f"| {r['variant']} | {r['trainable_params'] or 0:,} | {share} | {r['peak_rss_mb']} | "
+                     f"{r['seconds']} | {r['steps_to_target'] if r['steps_to_target'] is not None else 'not reached'}"
+                     f" | {_fmt(r[f'validation_{metric}'])} | {_fmt(r[f'test_{metric}'])} |")
+    if plot:
+        lines += ["", f"![validation {metric}]({plot.name})"]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else "-" if value is None else str(value)
+
+
+def plot_validation(rows: list[dict], root: Path, metric: str) -> Optional[Path]:
+    if not any(r["curve"] for r in rows):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        if r["curve"]:
+            ax.plot(*zip(*r["curve"]), "o-", label=r["variant"])
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"validation {metric}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(root / PLOT, dpi=100)
+    plt.close(fig)
+    return root / PLOT

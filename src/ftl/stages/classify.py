@@ -1,0 +1,150 @@
+"""Sequence classification: a pretrained encoder (MiniLM) or decoder (SmolLM2, the tiny Llama) with a new
+`num_labels`-way head, trained with cross-entropy — the head alone or under any method.
+
+Evaluation (validation during training, test at the end when the recipe keeps a test split) reports
+accuracy, macro precision/recall/F1 and the confusion matrix from the shared evaluation layer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ftl.config.schema import Recipe
+from ftl.errors import DataError, RecipeError
+from ftl.evaluate.classification import classification_metrics
+from ftl.evaluate.sharded import sum_over_ranks
+from ftl.methods import QUANT_BITS
+from ftl.models.load import load_model
+from ftl.stages.session import RunSession
+from ftl.train.loop import fit
+
+LABELS_FILE = "labels.json"
+
+
+def label_names(recipe: Recipe, records: list[dict]) -> list[str]:
+    """Names in id order: classify.labels, else the data's labels sorted (integers as themselves)."""
+    if recipe.classify.labels:
+        return list(recipe.classify.labels)
+    values = {r["label"] for r in records}
+    if all(isinstance(v, int) for v in values):
+        return [str(i) for i in range(max(values) + 1)]
+    return sorted(str(v) for v in values)
+
+
+def label_id(value, names: list[str], where: str) -> int:
+    if isinstance(value, int) and 0 <= value < len(names):
+        return value
+    if str(value) in names:
+        return names.index(str(value))
+    raise DataError(f"{where}: label {value!r} is not one of classify.labels {names}")
+
+
+def encode_texts(tokenizer, records: list[dict], names: list[str], max_length: int) -> list[dict]:
+    ids = tokenizer([r["text"] for r in records], truncation=True, max_length=max_length)["input_ids"]
+    return [{"input_ids": row, "label": label_id(r["label"], names, f"data record {i}")}
+            for i, (row, r) in enumerate(zip(ids, records))]
+
+
+def collate_texts(features: list[dict], pad_id: int) -> dict:
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for i, f in enumerate(features):
+        ids[i, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
+        mask[i, : len(f["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([f["label"] for f in features])}
+
+
+def logits_of(model, batch) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+
+
+def cross_entropy(model, batch) -> tuple[torch.Tensor, int]:
+    return F.cross_entropy(logits_of(model, batch), batch["labels"]), len(batch["labels"])
+
+
+def classify_metrics(model, features: list[dict], names: list[str], pad_id: int, batch_size: int,
+                     accelerator=None) -> dict:
+    """One sharded pass: the summed confusion matrix and loss; metrics computed from them."""
+    k = len(names)
+
+    def measure(batch):
+        logits = logits_of(model, batch)
+        cells = batch["labels"] * k + logits.argmax(-1)
+        confusion = torch.bincount(cells, minlength=k * k).double()
+        loss = F.cross_entropy(logits, batch["labels"], reduction="sum").double().reshape(1)
+        return torch.cat([confusion, loss])
+
+    totals = sum_over_ranks(model, features, batch_size, lambda rows: collate_texts(rows, pad_id), measure,
+                            k * k + 1, accelerator).cpu()
+    confusion = totals[: k * k].reshape(k, k).long()
+    labels = [t for t in range(k) for p in range(k) for _ in range(int(confusion[t, p]))]
+    predictions = [p for t in range(k) for p in range(k) for _ in range(int(confusion[t, p]))]
+    metrics = classification_metrics(labels, predictions, names)
+    metrics["macro_f1"] = metrics.pop("f1")
+    metrics.update(loss=totals[-1].item() / max(len(labels), 1), examples=len(labels))
+    return metrics
+
+
+HEAD_NAMES = ("score", "classifier")  # transformers' sequence-classification heads (decoders, encoders)
+
+
+def freeze_all_but_head(model, recipe: Recipe) -> None:
+    """The pretrained model frozen, only the new head trains (the classic linear probe): everything
+    beside the head goes into train.freeze.modules, so the manifest records it like any freeze."""
+    if recipe.method.kind != "full":
+        raise RecipeError(f"classify.train_head_only freezes the whole pretrained model: it goes with "
+                          f"method.kind 'full', not '{recipe.method.kind}' (adapter methods already train the head)")
+    children = [name for name, child in model.named_children() if any(True for _ in child.parameters())]
+    if not any(name in HEAD_NAMES for name in children):
+        raise RecipeError(f"classify.train_head_only: {type(model).__name__} has no head named {HEAD_NAMES}")
+    body = [name for name in children if name not in HEAD_NAMES]
+    recipe.train.freeze = recipe.train.freeze.model_copy(update={"modules": recipe.train.freeze.modules + body})
+
+
+def run_classify(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
+    session = RunSession(recipe, run_dir, resume)
+    acc = session.accelerator
+    splits = session.load_data()
+    names = label_names(recipe, splits.train + splits.validation + splits.test)
+    tokenizer = session.tokenizer(splits.train)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    limit = recipe.eval.max_examples
+    train = encode_texts(tokenizer, splits.train, names, recipe.data.max_length)
+    validation = encode_texts(tokenizer, splits.validation[:limit], names, recipe.data.max_length)
+    test = encode_texts(tokenizer, splits.test[:limit], names, recipe.data.max_length)
+    session.note_data(examples=len(train), rows=len(train), packed=False, labels=names)
+    if session.main:
+        (run_dir / LABELS_FILE).write_text(json.dumps(names, ensure_ascii=False))
+
+    base = load_model(recipe.model, session.base_dir(tokenizer), QUANT_BITS.get(recipe.method.kind),
+                      recipe.method.quant, head="sequence_classification", num_labels=len(names))
+    base.config.pad_token_id = tokenizer.pad_token_id
+    base.config.id2label = dict(enumerate(names))
+    base.config.label2id = {n: i for i, n in enumerate(names)}
+    if recipe.classify.train_head_only:
+        freeze_all_but_head(base, recipe)
+    model = session.apply_method(base, task_type="SEQ_CLS")
+    pad = tokenizer.pad_token_id
+
+    def evaluate(m, features=validation) -> dict:
+        return classify_metrics(m, features, names, pad, recipe.eval.batch_size, acc) if features else {}
+
+    def evaluate_at_end() -> dict:
+        metrics = evaluate(model)
+        if test:
+            metrics["test"] = evaluate(model, test)
+        return metrics
+
+    if recipe.eval.before_training:
+        session.evaluate_before(lambda: evaluate(model))
+    model, result = fit(accelerator=acc, model=model, cfg=recipe.train, features=train,
+                        collate=lambda rows: collate_texts(rows, pad), loss_fn=cross_entropy, run_dir=run_dir,
+                        log=session.log, resume=resume, evaluate=evaluate, eval_every=recipe.eval.every,
+                        save_model=session.model_saver(tokenizer))
+    return session.finish(model, tokenizer, result, evaluate_at_end)

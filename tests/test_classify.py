@@ -1,0 +1,124 @@
+"""Classification heads: a new head on a pretrained encoder (MiniLM) or decoder (tiny Llama, SmolLM2),
+head-only vs full, from scratch, Chinese sentiment with disjoint splits, and `ftl compare`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import ROOT, read_jsonl, run_ftl
+from ftl.config import load_recipe
+from ftl.data import load_splits
+from ftl.errors import DataError
+from ftl.stages.classify import label_id
+
+SENTIMENT = ROOT / "recipes" / "classify_sentiment_zh.yaml"
+TOPIC = ROOT / "recipes" / "classify_topic.yaml"
+
+
+def eval_after(run_dir):
+    return json.loads((run_dir / "eval.json").read_text())
+
+
+def test_sentiment_splits_are_deduplicated_disjoint_and_hold_both_labels():
+    recipe = load_recipe(SENTIMENT, "small")
+    splits, _ = load_splits(recipe.data)
+    texts = {name: [r["text"] for r in getattr(splits, name)] for name in ("train", "validation", "test")}
+    for name, rows in texts.items():
+        assert len(rows) == len(set(rows)), f"duplicates inside {name}"
+        assert {r["label"] for r in getattr(splits, name)} == {0, 1}, name
+    assert not set(texts["train"]) & set(texts["validation"]) and not set(texts["train"]) & set(texts["test"])
+    assert not set(texts["validation"]) & set(texts["test"])
+
+
+def test_tiny_sentiment_classifier_learns_with_full_report(tmp_path):
+    proc = run_ftl("run", str(SENTIMENT), "--profile", "tiny", f"track.output_dir={tmp_path}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = eval_after(tmp_path)
+    before, after = report["before"], report["after"]
+    assert after["accuracy"] >= 0.58 and after["accuracy"] > before["accuracy"] + 0.1, (before, after)
+    for metrics in (after, after["test"]):
+        assert {"accuracy", "precision", "recall", "macro_f1", "confusion_matrix"} <= set(metrics)
+        assert sum(map(sum, metrics["confusion_matrix"])) == metrics["examples"]
+        assert metrics["classes"] == ["negative", "positive"]
+    assert "Confusion matrix" in (tmp_path / "eval.md").read_text()
+    config = json.loads((tmp_path / "final" / "config.json").read_text())
+    assert config["id2label"] == {"0": "negative", "1": "positive"}
+    assert any("eval/macro_f1" in row for row in read_jsonl(tmp_path / "metrics.jsonl"))
+
+
+def test_head_only_trains_the_head_alone_and_keeps_the_model_bit_identical(tmp_path):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    proc = run_ftl("run", str(SENTIMENT), "--profile", "tiny", f"track.output_dir={tmp_path}",
+                   "classify.train_head_only=true", "train.max_steps=5", "eval.before_training=false", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trainable = json.loads((tmp_path / "manifest.json").read_text())["trainable"]
+    assert trainable["trainable_params"] == 64 * 2          # score head: hidden 64 x 2 labels, no bias
+    base = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=2).state_dict()
+    final = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final").state_dict()
+    body = [k for k in final if not k.startswith("score.")]
+    assert body and all(torch.equal(base[k], final[k]) for k in body)
+    assert not torch.equal(base["score.weight"], final["score.weight"])
+
+
+def test_head_only_with_an_adapter_method_is_refused(tmp_path):
+    proc = run_ftl("run", str(SENTIMENT), "--profile", "tiny", f"track.output_dir={tmp_path}",
+                   "classify.train_head_only=true", "method.kind=lora", cwd=tmp_path)
+    assert proc.returncode == 2 and "classify.train_head_only" in proc.stderr and "'lora'" in proc.stderr
+
+
+def test_unknown_label_names_the_record_and_the_labels():
+    assert label_id("positive", ["negative", "positive"], "x") == 1 and label_id(0, ["a", "b"], "x") == 0
+    with pytest.raises(DataError, match=r"data record 7: label 'neutral' is not one of classify.labels"):
+        label_id("neutral", ["negative", "positive"], "data record 7")
+
+
+def test_minilm_encoder_gets_a_topic_head_and_learns(tmp_path):
+    proc = run_ftl("run", str(TOPIC), "--profile", "small", f"track.output_dir={tmp_path}", "train.max_steps=12",
+                   "train.lr=5e-4", "eval.max_examples=96", "eval.every=null", cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = eval_after(tmp_path)
+    assert report["after"]["accuracy"] > report["before"]["accuracy"] + 0.2, report
+    assert len(report["after"]["classes"]) >= 10                            # chatterbot topics
+    assert json.loads((tmp_path / "final" / "config.json").read_text())["model_type"] == "bert"
+
+
+def test_compare_reports_methods_against_scratch(tmp_path):
+    out = tmp_path / "compare"
+    proc = run_ftl("compare", str(SENTIMENT), "--profile", "tiny", "--variants", "full,head_only,scratch",
+                   "--out", str(out), cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = {r["variant"]: r for r in json.loads((out / "compare.json").read_text())}
+    assert list(rows) == ["full", "head_only", "scratch"]
+    assert rows["head_only"]["trainable_share"] < 0.01 < rows["full"]["trainable_share"] == 1.0
+    assert all(r["peak_rss_mb"] > 100 and r["seconds"] > 0 and r["curve"] for r in rows.values())
+    assert all(0 <= r["test_accuracy"] <= 1 for r in rows.values())
+    report = (out / "compare.md").read_text()
+    assert "| scratch |" in report and "steps to target" in report and (out / "compare.png").exists()
+
+
+def test_scratch_init_keeps_the_architecture_and_drops_the_pretrained_weights():
+    import torch
+
+    from ftl.models.load import load_model, pretrained_dir
+
+    recipe = load_recipe(TOPIC, "small")
+    folder = pretrained_dir(recipe.model)
+    pretrained = load_model(recipe.model, folder, head="sequence_classification", num_labels=3)
+    torch.manual_seed(0)
+    scratch = load_model(recipe.model.model_copy(update={"init": "scratch"}), folder,
+                         head="sequence_classification", num_labels=3)
+    a, b = pretrained.state_dict(), scratch.state_dict()
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    word = "bert.embeddings.word_embeddings.weight"
+    assert not torch.allclose(a[word], b[word])
+
+
+def test_scratch_with_an_adapter_method_is_refused():
+    from ftl.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="model.init 'scratch'.*method.kind must be 'full', not 'lora'"):
+        load_recipe(SENTIMENT, "small", ["model.init=scratch"])
