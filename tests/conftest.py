@@ -47,6 +47,20 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     return path
 
 
+def copy_rlhf_pipeline(tmp_path: Path, stages=None, **stage_overrides) -> Path:
+    """recipes/rlhf/pipeline.yaml writing into tmp_path/out, optionally only some stages, with overrides."""
+    source = RECIPES / "rlhf" / "pipeline.yaml"
+    spec = yaml.safe_load(source.read_text())
+    spec["output_dir"] = str(tmp_path / "out")
+    spec["stages"] = [s for s in spec["stages"] if stages is None or s["name"] in stages]
+    for stage in spec["stages"]:
+        stage["recipe"] = str(source.parent / stage["recipe"])
+        stage["overrides"] = stage_overrides.get(stage["name"], [])
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -2,32 +2,19 @@
 PPO on 2 ranks, pipeline skipping and failure."""
 
 import json
-import shutil
 
 import pytest
 import yaml
 
-from conftest import ROOT, read_jsonl, run_ftl, free_port
+from conftest import ROOT, copy_rlhf_pipeline, read_jsonl, run_ftl, free_port
 
 pytestmark = pytest.mark.slow
-PIPELINE = ROOT / "recipes" / "rlhf" / "pipeline.yaml"
-
-
-def copy_pipeline(tmp_path, **stage_overrides) -> "Path":
-    spec = yaml.safe_load(PIPELINE.read_text())
-    spec["output_dir"] = str(tmp_path / "out")
-    for stage in spec["stages"]:
-        stage["recipe"] = str(PIPELINE.parent / stage["recipe"])
-        stage["overrides"] = stage_overrides.get(stage["name"], [])
-    path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
 
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rlhf")
-    path = copy_pipeline(tmp)
+    path = copy_rlhf_pipeline(tmp)
     proc = run_ftl("pipeline", str(path), "--profile", "tiny", cwd=tmp, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return tmp, path, tmp / "out"
@@ -93,7 +80,7 @@ def test_rerun_skips_unchanged_stages_and_reruns_changed_ones(pipeline_run):
 
 
 def test_a_failed_stage_stops_the_pipeline_and_is_named(tmp_path):
-    spec = yaml.safe_load(copy_pipeline(tmp_path).read_text())
+    spec = yaml.safe_load(copy_rlhf_pipeline(tmp_path).read_text())
     spec["stages"][1]["overrides"] = ["data.limit=1"]  # leaves no training pair: the stage fails at run time
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(spec))
     proc = run_ftl("pipeline", str(tmp_path / "pipeline.yaml"), "--profile", "tiny", cwd=tmp_path, timeout=600)

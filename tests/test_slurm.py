@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, read_jsonl, run_ftl, train_losses
+from conftest import ROOT, copy_rlhf_pipeline, run_ftl, train_losses
 from slurm_cluster import SlurmCluster, SlurmUnavailable
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-PIPELINE = ROOT / "recipes" / "rlhf" / "pipeline.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -137,24 +136,12 @@ def test_preempted_job_requeues_and_resumes_to_the_same_final_loss(slurm, tiny_r
     assert train_losses(run) == train_losses(tmp_path / "reference")    # identical curve, identical end
 
 
-def slurm_pipeline(tmp_path, stages=("sft", "reward", "ppo"), **stage_overrides) -> Path:
-    spec = yaml.safe_load(PIPELINE.read_text())
-    spec["output_dir"] = str(tmp_path / "out")
-    spec["stages"] = [s for s in spec["stages"] if s["name"] in stages]
-    for stage in spec["stages"]:
-        stage["recipe"] = str(PIPELINE.parent / stage["recipe"])
-        stage["overrides"] = stage_overrides.get(stage["name"], [])
-    path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
 def stage_jobs(out: Path) -> dict:
     return json.loads((out / "slurm_jobs.json").read_text())
 
 
 def test_pipeline_stages_run_as_chained_jobs(slurm, tmp_path):
-    path = slurm_pipeline(tmp_path, ppo=["train.max_steps=4"])
+    path = copy_rlhf_pipeline(tmp_path, ("sft", "reward", "ppo"), ppo=["train.max_steps=4"])
     proc = ftl(slurm, "pipeline", str(path), "--profile", "tiny", "--slurm", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = tmp_path / "out"
@@ -174,7 +161,7 @@ def test_pipeline_stages_run_as_chained_jobs(slurm, tmp_path):
 
 
 def test_failed_stage_cancels_its_dependants_and_is_named(slurm, tmp_path):
-    path = slurm_pipeline(tmp_path, sft=["data.limit=1"])  # no training example left: fails at run time
+    path = copy_rlhf_pipeline(tmp_path, ("sft", "reward", "ppo"), sft=["data.limit=1"])  # no training example left: fails at run time
     proc = ftl(slurm, "pipeline", str(path), "--profile", "tiny", "--slurm", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = tmp_path / "out"
