@@ -174,3 +174,15 @@ def test_failed_stage_cancels_its_dependants_and_is_named(slurm, tmp_path):
     assert status.returncode == 1
     assert f"stage 'sft' (job {jobs['sft']['job_id']}) failed" in status.stdout
     assert "stage 'sft' failed (exit" in status.stdout   # the job log's own last lines name it too
+
+
+def test_cancel_by_job_id_and_status_without_arguments_lists_the_queue(slurm, tiny_recipe, tmp_path):
+    recipe = tiny_recipe(train={"max_steps": 400})
+    job_id = submitted_id(ftl(slurm, "slurm", "submit", str(recipe), "--time", "10", cwd=tmp_path))
+    queue = ftl(slurm, "slurm", "status", cwd=tmp_path)
+    assert queue.returncode == 0 and job_id in queue.stdout and "ftl-t-base" in queue.stdout
+    cancelled = ftl(slurm, "slurm", "cancel", job_id, cwd=tmp_path)
+    assert cancelled.returncode == 0 and f"cancelled {job_id}" in cancelled.stdout
+    assert wait_for(slurm, job_id, timeout=60)["JobState"] == "CANCELLED"
+    bad = ftl(slurm, "slurm", "status", "not-a-job", cwd=tmp_path)
+    assert bad.returncode == 2 and "neither a job id nor a pipeline folder" in bad.stderr
