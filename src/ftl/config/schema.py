@@ -378,6 +378,10 @@ class Recipe(Section):
         if self.model.init == "scratch" and self.method.kind != "full":
             raise ValueError(f"model.init 'scratch' trains every weight of a fresh model: method.kind must be "
                              f"'full', not '{self.method.kind}'")
+        if self.method.qat.enabled and (self.method.kind != "full" or self.stage != "sft"):
+            raise ValueError(f"method.qat trains fake-quantised weights of a full fine-tune and converts them at "
+                             f"the end of an sft stage: needs method.kind 'full' and stage 'sft' (got "
+                             f"'{self.method.kind}', '{self.stage}')")
         if self.stage == "classify" and self.data.format != "classification":
             raise ValueError("stage 'classify' trains on data.format 'classification' (text, label)")
         if self.stage == "upft" and self.data.format not in ("prompts", "chat", "prompt_completion"):

@@ -24,7 +24,12 @@ MERGEABLE = {"lora", "dora", "qlora", "lora8bit", "ia3"}
 
 
 def apply_method(model, cfg: MethodConfig, gradient_checkpointing: bool = False, task_type: str = "CAUSAL_LM"):
-    return METHODS[cfg.kind].apply(model, cfg, gradient_checkpointing=gradient_checkpointing, task_type=task_type)
+    model = METHODS[cfg.kind].apply(model, cfg, gradient_checkpointing=gradient_checkpointing, task_type=task_type)
+    if cfg.qat.enabled:  # fake-quantised linear layers while training (torchao); see methods/qat.py
+        from ftl.methods import qat
+
+        model = qat.prepare(model, cfg)
+    return model
 
 
 def trainable_summary(model) -> dict:

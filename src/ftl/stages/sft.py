@@ -50,4 +50,9 @@ def run_sft(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
                         collate=partial(collate, pad_id=tokenizer.pad_token_id), loss_fn=causal_lm_loss,
                         run_dir=run_dir, log=session.log, resume=resume,
                         evaluate=evaluate, eval_every=recipe.eval.every, save_model=session.model_saver(tokenizer))
-    return session.finish(model, tokenizer, result, lambda: evaluate(model, with_samples=True))
+    summary = session.finish(model, tokenizer, result, lambda: evaluate(model, with_samples=True))
+    if recipe.method.qat.enabled and not result.interrupted:  # convert, save quantized/, compare with PTQ
+        from ftl.evaluate.qat_report import compare_qat
+
+        summary["qat"] = compare_qat(recipe, run_dir, acc, resume, validation=validation)
+    return summary
