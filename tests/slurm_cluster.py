@@ -81,7 +81,7 @@ ClusterName=ftltest
 SlurmctldHost=localhost
 SlurmctldPort={ctld_port}
 AuthType=auth/munge
-AuthInfo=socket={r / 'munge' / 'munge.socket.2'}
+AuthInfo=socket={r / 'munge' / 'munge.socket.2'},cred_expire=10
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={r / 'state'}

@@ -127,7 +127,8 @@ def test_preempted_job_requeues_and_resumes_to_the_same_final_loss(slurm, tiny_r
         time.sleep(0.5)
     interrupted_at = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
     assert 20 <= interrupted_at < 400
-    scontrol(slurm, "update", f"JobId={job_id}", "StartTime=now")  # a requeued job is otherwise held ~2 min
+    # A requeued job waits cred_expire (120 s by default; 10 s on the test cluster) before it may start:
+    # started sooner, the node still holds the old run's revoked credential and the job fails.
     info = wait_for(slurm, job_id)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", job_log(run)
     log = job_log(run)

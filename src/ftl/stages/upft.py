@@ -1,0 +1,275 @@
+"""UPFT: unsupervised prefix fine-tuning (Ji et al. 2025, "The First Few Tokens Are All You Need").
+
+No labels are used for training. Once, before training, the initial model (the base as loaded, before
+the method is applied) samples `upft.samples_per_prompt` responses to every training prompt and one
+response to each of the first `eval.max_examples` validation prompts. Each sample is rendered as the
+data layer renders a generation prompt (chat template + generation prompt); the prompt tokens are
+masked and the labels are the first `upft.prefix_tokens` response tokens, except a `upft.full_fraction`
+share of the training samples (chosen by train.seed) that keep their whole response (up to
+`upft.max_new_tokens`, with its end-of-turn token when the model produced one). Training is the shared
+`fit()` loop on these features (packed like SFT).
+
+The samples are saved to `upft_samples.jsonl` in the run directory (prompt, response text and token
+ids, whether it ended with EOS, whether it trains at full length) with their sampling settings in
+`upft_samples.meta.json`; a resumed run reads them back and never resamples.
+
+Distributed: generation batches are fixed by prompt order and go round-robin to the ranks, each batch
+seeded by (train.seed, batch index), so the samples do not depend on the world size; every rank's
+samples are gathered, rank 0 writes the file and every rank reads it back.
+
+Evaluation (before/after training, and every eval.every steps):
+- self_prefix_loss: loss on the first k tokens of the *initial* model's samples for held-out prompts.
+  It measures how far the model has moved towards its own initial prefixes (sharpening), not quality.
+- loss / perplexity / tokens: SFT-style loss on the data's reference answers when the format has them
+  (chat, prompt_completion): whether unsupervised training moved the model towards the real answers.
+  The references are never trained on.
+- greedy generations on the eval.generate prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from ftl.config.schema import Recipe, UPFTOptions
+from ftl.data.packing import collate, pack_sequences
+from ftl.data.tokenize import IGNORE, count_trained_tokens, encode_records, generation_prompt
+from ftl.errors import RecipeError
+from ftl.evaluate.generate import generate_samples, sample_prompts
+from ftl.evaluate.lm import causal_lm_loss, lm_loss
+from ftl.methods import PACKING_INCOMPATIBLE, QUANT_BITS
+from ftl.models.load import load_model
+from ftl.stages.ppo.rollout import left_padded, response_mask
+from ftl.stages.session import RunSession
+from ftl.train.distributed import is_sharded
+from ftl.train.loop import fit
+
+SAMPLES_FILE = "upft_samples.jsonl"
+META_FILE = "upft_samples.meta.json"
+SAMPLING_KEYS = ("samples_per_prompt", "max_new_tokens", "temperature", "top_k", "full_fraction")
+
+
+# -- encoding -----------------------------------------------------------------------------------
+def encode_upft(tokenizer, prompt: str, response_ids: list[int], prefix_tokens: int, full: bool,
+                max_length: int) -> dict:
+    """Prompt (masked) + response; labels on the first `prefix_tokens` response tokens, or on the whole
+    response when `full`. Truncated to max_length. Labels align with input_ids (IGNORE = no loss)."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    target = list(response_ids) if full else list(response_ids[:prefix_tokens])
+    input_ids = (prompt_ids + target)[:max_length]
+    labels = ([IGNORE] * len(prompt_ids) + target)[:max_length]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def choose_full(n: int, fraction: float, seed: int) -> set[int]:
+    """Exactly round(fraction * n) of n sample positions, chosen by seed."""
+    return set(random.Random(f"upft-full-{seed}").sample(range(n), round(fraction * n)))
+
+
+def encode_samples(tokenizer, samples: list[dict], split: str, prefix_tokens: int, max_length: int) -> list[dict]:
+    """Features of one split's samples; samples with nothing to learn (prompt fills max_length) dropped."""
+    features = [encode_upft(tokenizer, s["prompt"], s["response_ids"], prefix_tokens, s["full"], max_length)
+                for s in samples if s["split"] == split]
+    return [f for f in features if any(t != IGNORE for t in f["labels"][1:])]
+
+
+# -- sampling -----------------------------------------------------------------------------------
+def sampling_jobs(tokenizer, splits, recipe: Recipe) -> tuple[list[dict], int]:
+    """One job per response to draw: (split, prompt index, sample number, rendered prompt).
+    Prompts that leave no room for a response within data.max_length are skipped (and counted)."""
+    cfg, system = recipe.upft, recipe.data.system_prompt
+    jobs, too_long = [], 0
+    sources = (("train", splits.train, cfg.samples_per_prompt),
+               ("validation", splits.validation[: recipe.eval.max_examples], 1))
+    for split, records, per_prompt in sources:
+        for index, record in enumerate(records):
+            prompt = generation_prompt(tokenizer, record, system)[0]
+            if len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) >= recipe.data.max_length - 1:
+                too_long += 1
+                continue
+            jobs += [{"split": split, "prompt_index": index, "sample": j, "prompt": prompt} for j in range(per_prompt)]
+    return jobs, too_long
+
+
+@torch.no_grad()
+def sample_responses(model, tokenizer, jobs: list[dict], cfg: UPFTOptions, seed: int, batch_size: int,
+                     rank: int = 0, world: int = 1, device=None, progress: bool = False) -> list[dict]:
+    """This rank's share of the jobs, answered. Batch b (jobs b*batch_size ...) runs on rank b % world,
+    seeded by (seed, b): the same samples for any world size."""
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    done, mine = [], range(rank, (len(jobs) + batch_size - 1) // batch_size, world)
+    if progress:
+        from tqdm.auto import tqdm
+
+        mine = tqdm(mine, desc="upft sample", unit="batch", dynamic_ncols=True)
+    for b in mine:
+        chunk = jobs[b * batch_size:(b + 1) * batch_size]
+        batch = left_padded(tokenizer, [j["prompt"] for j in chunk], device)
+        torch.manual_seed(seed * 1_000_003 + b)
+        sequences = model.generate(**batch, do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k,
+                                   top_p=1.0, max_new_tokens=cfg.max_new_tokens, use_cache=True,
+                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        response = sequences[:, batch["input_ids"].shape[1]:].cpu()
+        mask, has_eos = response_mask(response, tokenizer.eos_token_id)
+        for job, row, keep, eos in zip(chunk, response, mask.bool(), has_eos):
+            ids = row[keep].tolist()
+            done.append({**job, "response": tokenizer.decode(ids, skip_special_tokens=True), "response_ids": ids,
+                         "eos": bool(eos)})
+    model.train(was_training)
+    return done
+
+
+def sampling_settings(recipe: Recipe) -> dict:
+    return {**{k: getattr(recipe.upft, k) for k in SAMPLING_KEYS}, "seed": recipe.train.seed,
+            "max_length": recipe.data.max_length, "validation_prompts": recipe.eval.max_examples}
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def write_samples(run_dir: Path, samples: list[dict], settings: dict, seconds: float, skipped: int) -> None:
+    path = run_dir / SAMPLES_FILE
+    tmp = path.with_name(path.name + ".partial")
+    with tmp.open("w", encoding="utf-8") as f:
+        for sample in samples:
+            f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+    meta = {"settings": settings, "count": len(samples), "skipped_long_prompts": skipped,
+            "sampling_seconds": round(seconds, 2), "sha256": file_digest(tmp)}
+    (run_dir / META_FILE).write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, path)  # last: a complete samples file always has its meta beside it
+
+
+def read_samples(run_dir: Path) -> tuple[list[dict], dict]:
+    path = run_dir / SAMPLES_FILE
+    samples = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return samples, json.loads((run_dir / META_FILE).read_text())
+
+
+def saved_samples_usable(run_dir: Path, recipe: Recipe) -> bool:
+    """A resumed run reuses its samples; sampling settings changed since then are an error, not a resample."""
+    if not ((run_dir / SAMPLES_FILE).exists() and (run_dir / META_FILE).exists()):
+        return False
+    saved = json.loads((run_dir / META_FILE).read_text())["settings"]
+    changed = {k: (saved.get(k), v) for k, v in sampling_settings(recipe).items() if saved.get(k) != v}
+    if changed:
+        raise RecipeError(f"--resume: the saved UPFT samples ({run_dir / SAMPLES_FILE}) were drawn with other "
+                          f"settings {changed} (saved, now); resume with the original recipe or start afresh")
+    return True
+
+
+def draw_samples(session: RunSession, recipe: Recipe, base, base_dir: Path, tokenizer, splits) -> None:
+    """Sample on every rank (each its share of the batches), gather, write on rank 0."""
+    from accelerate.utils import gather_object
+
+    acc, cfg = session.accelerator, recipe.upft
+    jobs, too_long = sampling_jobs(tokenizer, splits, recipe)
+    if acc.is_main_process:  # a fresh run in a used directory: never leave the old samples to be resumed
+        for name in (SAMPLES_FILE, META_FILE):
+            (session.run_dir / name).unlink(missing_ok=True)
+    sampler = base
+    if is_sharded(acc):  # ZeRO-3 partitions the base on load: sample with a whole copy on every rank
+        from ftl.stages.ppo import without_zero_init
+
+        with without_zero_init():
+            sampler = load_model(recipe.model.model_copy(update={"gradient_checkpointing": False}), base_dir)
+    if QUANT_BITS.get(recipe.method.kind) is None:
+        sampler.to(acc.device)
+    started = time.perf_counter()
+    mine = sample_responses(sampler, tokenizer, jobs, cfg, recipe.train.seed, recipe.eval.batch_size,
+                            acc.process_index, acc.num_processes, acc.device, progress=acc.is_main_process)
+    everything = gather_object(mine) if acc.num_processes > 1 else mine
+    seconds = time.perf_counter() - started
+    if sampler is not base:
+        del sampler
+    order = {(j["split"], j["prompt_index"], j["sample"]): n for n, j in enumerate(jobs)}
+    everything = sorted(everything, key=lambda s: order[(s["split"], s["prompt_index"], s["sample"])])
+    train_positions = [n for n, s in enumerate(everything) if s["split"] == "train"]
+    full = {train_positions[i] for i in choose_full(len(train_positions), cfg.full_fraction, recipe.train.seed)}
+    for n, sample in enumerate(everything):
+        sample["full"] = n in full
+    if acc.is_main_process:
+        write_samples(session.run_dir, everything, sampling_settings(recipe), seconds, too_long)
+        prompts = len({(j["split"], j["prompt_index"]) for j in jobs})
+        print(f"ftl: upft: sampled {len(everything)} responses to {prompts} prompts in {seconds:.1f} s on "
+              f"{acc.num_processes} rank(s) -> {session.run_dir / SAMPLES_FILE}", flush=True)
+    acc.wait_for_everyone()
+
+
+def sample_summary(samples: list[dict], meta: dict, sha256: str, reused: bool, train_features: list[dict]) -> dict:
+    """Manifest counts; sha256 is the file as read (a hand-edited file shows up here, not in the meta)."""
+    train = [s for s in samples if s["split"] == "train"]
+    lengths = [len(s["response_ids"]) for s in train]
+    return {"samples_file": SAMPLES_FILE, "reused": reused, "sha256": sha256,
+            "sampling_seconds": meta["sampling_seconds"], "settings": meta["settings"],
+            "skipped_long_prompts": meta["skipped_long_prompts"],
+            "train_samples": len(train), "full_samples": sum(s["full"] for s in train),
+            "prefix_samples": sum(not s["full"] for s in train),
+            "validation_samples": sum(s["split"] == "validation" for s in samples),
+            "eos_fraction": sum(s["eos"] for s in train) / max(1, len(train)),
+            "mean_response_tokens": sum(lengths) / max(1, len(lengths)),
+            "train_features": len(train_features), "trained_tokens": count_trained_tokens(train_features)}
+
+
+# -- the stage ----------------------------------------------------------------------------------
+def run_upft(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
+    from accelerate.utils import set_seed
+
+    session = RunSession(recipe, run_dir, resume)
+    acc, cfg = session.accelerator, recipe.upft
+    splits = session.load_data()
+    tokenizer = session.tokenizer(splits.train)
+    base_dir = session.base_dir(tokenizer)
+    base = load_model(recipe.model, base_dir, QUANT_BITS.get(recipe.method.kind), recipe.method.quant)
+
+    reused = resume and saved_samples_usable(run_dir, recipe)
+    if reused:
+        acc.print(f"ftl: upft: --resume reuses the saved samples {run_dir / SAMPLES_FILE} (no resampling)")
+    else:
+        draw_samples(session, recipe, base, base_dir, tokenizer, splits)
+    samples, meta = read_samples(run_dir)
+    set_seed(recipe.train.seed)  # training starts from the same RNG state whether it sampled or not
+
+    train = encode_samples(tokenizer, samples, "train", cfg.prefix_tokens, recipe.data.max_length)
+    held_out = encode_samples(tokenizer, samples, "validation", cfg.prefix_tokens, recipe.data.max_length)
+    validation = splits.validation[: recipe.eval.max_examples]
+    references = encode_records(tokenizer, validation, recipe.data) \
+        if recipe.data.format in ("chat", "prompt_completion") else []
+    packing = recipe.data.packing and recipe.method.kind not in PACKING_INCOMPATIBLE
+    train_rows = pack_sequences(train, recipe.data.max_length) if packing else train
+    session.note_data(examples=len(train), rows=len(train_rows), packed=packing)
+    digest = file_digest(run_dir / SAMPLES_FILE)
+    session.manifest_fields["upft"] = sample_summary(samples, meta, digest, reused, train)
+
+    model = session.apply_method(base)
+    prompts = sample_prompts(tokenizer, recipe.eval.generate, recipe.data.system_prompt, splits.validation)
+
+    def evaluate(m, with_samples=False) -> dict:
+        metrics = {}
+        if held_out:
+            own = lm_loss(m, held_out, tokenizer.pad_token_id, recipe.eval.batch_size, acc)
+            metrics.update(self_prefix_loss=own["loss"], self_prefix_tokens=own["tokens"])
+        if references:
+            metrics.update(lm_loss(m, references, tokenizer.pad_token_id, recipe.eval.batch_size, acc))
+        if with_samples and prompts:
+            metrics["samples"] = generate_samples(acc.unwrap_model(m), tokenizer, prompts,
+                                                  recipe.eval.generate.max_new_tokens)
+        return metrics
+
+    if recipe.eval.before_training:
+        session.evaluate_before(lambda: evaluate(model, with_samples=True))
+
+    model, result = fit(accelerator=acc, model=model, cfg=recipe.train, features=train_rows,
+                        collate=partial(collate, pad_id=tokenizer.pad_token_id), loss_fn=causal_lm_loss,
+                        run_dir=run_dir, log=session.log, resume=resume,
+                        evaluate=evaluate, eval_every=recipe.eval.every)
+    return session.finish(model, tokenizer, result, lambda: evaluate(model, with_samples=True))
