@@ -66,7 +66,7 @@ def run_measured(argv_env, log: Path) -> tuple[int, int]:
     with log.open("w") as out:
         proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own usage, its waited-for children included
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
     return proc.returncode, usage.ru_maxrss
 
 

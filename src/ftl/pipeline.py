@@ -164,7 +164,7 @@ def finish_stage(plan: StagePlan, log: Optional[Path] = None) -> int:
 
 def complete_stage(path: str | Path, profile: Optional[str], name: str) -> None:
     """finish_stage for one stage of a pipeline run as Slurm jobs (called by the stage's own job)."""
-    _, plans = plan_stages(Path(path), profile, force=True)
+    spec, plans = plan_stages(Path(path), profile, force=True)
     plan = next((p for p in plans if p.name == name), None)
     if plan is None:
         raise PipelineError(f"{path}: no stage named '{name}'")
@@ -172,7 +172,6 @@ def complete_stage(path: str | Path, profile: Optional[str], name: str) -> None:
         raise PipelineError(f"stage '{name}': no model at {plan.output} after training")
     print(f"ftl pipeline: stage '{name}' complete: {plan.output}", flush=True)
     if plan is plans[-1]:
-        spec = load_pipeline(Path(path))
         summary = [{"stage": p.name, "status": "ran as a Slurm job", "output": str(p.output)} for p in plans]
         print(f"ftl pipeline: done; report {write_pipeline_report(pipeline_root(spec, profile), spec, summary)}")
 

@@ -24,9 +24,7 @@ def run_finished(run_dir: Path) -> bool:
 
 
 def job_end(code: int, recipe_path: str, profile: Optional[str], overrides: list[str]) -> int:
-    from ftl.run_dir import run_dir_for
-
-    run_dir = run_dir_for(load_recipe(recipe_path, profile, overrides))
+    run_dir = layout.run_dir_for(load_recipe(recipe_path, profile, overrides))
     job_id = os.environ.get("SLURM_JOB_ID")
     pipeline, stage = os.environ.get("FTL_PIPELINE"), os.environ.get("FTL_PIPELINE_STAGE")
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))

@@ -271,5 +271,5 @@ def run_upft(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     model, result = fit(accelerator=acc, model=model, cfg=recipe.train, features=train_rows,
                         collate=partial(collate, pad_id=tokenizer.pad_token_id), loss_fn=causal_lm_loss,
                         run_dir=run_dir, log=session.log, resume=resume,
-                        evaluate=evaluate, eval_every=recipe.eval.every)
+                        evaluate=evaluate, eval_every=recipe.eval.every, save_model=session.model_saver(tokenizer))
     return session.finish(model, tokenizer, result, lambda: evaluate(model, with_samples=True))
