@@ -36,9 +36,9 @@ test-fast: venv
 bench: venv
 	$(PY) bench/run.py
 
-# every method vs from scratch on real data and model (SmolLM2-135M, Chinese sentiment): runs/compare-*
+# every method vs from scratch on real data and model (SmolLM2-135M, chatterbot topics): runs/compare-*
 compare: venv
-	$(PY) -m ftl compare recipes/classify_sentiment_zh.yaml --profile small
+	$(PY) -m ftl compare recipes/classify_topic_smollm2.yaml --profile small
 
 clean:
 	rm -rf runs bench/results/*.tmp .pytest_cache

@@ -15,6 +15,7 @@ from ftl.stages.classify import label_id
 
 SENTIMENT = ROOT / "recipes" / "classify_sentiment_zh.yaml"
 TOPIC = ROOT / "recipes" / "classify_topic.yaml"
+COMPARED = ROOT / "recipes" / "classify_topic_smollm2.yaml"   # what `make compare` runs
 
 
 def eval_after(run_dir):
@@ -88,16 +89,23 @@ def test_minilm_encoder_gets_a_topic_head_and_learns(tmp_path):
 
 def test_compare_reports_methods_against_scratch(tmp_path):
     out = tmp_path / "compare"
-    proc = run_ftl("compare", str(SENTIMENT), "--profile", "tiny", "--variants", "full,head_only,scratch",
-                   "--out", str(out), cwd=tmp_path, timeout=600)
+    proc = run_ftl("compare", str(COMPARED), "--profile", "tiny", "--out", str(out), cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = {r["variant"]: r for r in json.loads((out / "compare.json").read_text())}
-    assert list(rows) == ["full", "head_only", "scratch"]
-    assert rows["head_only"]["trainable_share"] < 0.01 < rows["full"]["trainable_share"] == 1.0
+    assert list(rows) == ["full", "lora", "scratch"]
+    assert rows["lora"]["trainable_share"] < 0.5 < rows["full"]["trainable_share"] == 1.0
     assert all(r["peak_rss_mb"] > 100 and r["seconds"] > 0 and r["curve"] for r in rows.values())
     assert all(0 <= r["test_accuracy"] <= 1 for r in rows.values())
     report = (out / "compare.md").read_text()
     assert "| scratch |" in report and "steps to target" in report and (out / "compare.png").exists()
+
+    # a rerun (e.g. after a killed compare) reuses variants measured with the same overrides, runs none again
+    log_stamp = (out / "full.log").stat().st_mtime_ns
+    again = run_ftl("compare", str(COMPARED), "--profile", "tiny", "--variants", "full,lora",
+                    "--out", str(out), cwd=tmp_path, timeout=120)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert again.stdout.count("reusing") == 2 and (out / "full.log").stat().st_mtime_ns == log_stamp
+    assert json.loads((out / "compare.json").read_text()) == [rows["full"], rows["lora"]]
 
 
 def test_scratch_init_keeps_the_architecture_and_drops_the_pretrained_weights():

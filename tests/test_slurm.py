@@ -137,6 +137,23 @@ def test_preempted_job_requeues_and_resumes_to_the_same_final_loss(slurm, tiny_r
     assert train_losses(run) == train_losses(tmp_path / "reference")    # identical curve, identical end
 
 
+def test_pipeline_script_chains_recipes_as_afterok_jobs(slurm, tiny_recipe, tmp_path):
+    first = tiny_recipe("first.yaml", run_dir=tmp_path / "first", train={"max_steps": 4, "save_every": 4})
+    second = tiny_recipe("second.yaml", run_dir=tmp_path / "second", train={"max_steps": 4, "save_every": 4})
+    options = f"--gpus-per-node=1 --cpus-per-task=1 --time=30 --output={tmp_path}/job-%j.out"
+    proc = subprocess.run(["bash", str(ROOT / "slurm" / "pipeline.sh"), "", str(first), str(second)],
+                          env={**slurm.env, "FTL_SBATCH_ARGS": options, "FTL_PYTHON": sys.executable,
+                               "OMP_NUM_THREADS": "1"}, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    first_id, second_id = (line.split(": job ")[1].split()[0] for line in proc.stdout.splitlines())
+    assert f"(after afterok:{first_id})" in proc.stdout
+    infos = [wait_for(slurm, job_id) for job_id in (first_id, second_id)]
+    log = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
+    assert [i["JobState"] for i in infos] == ["COMPLETED", "COMPLETED"], log
+    assert infos[1]["StartTime"] >= infos[0]["EndTime"]                  # ISO timestamps: the second waited
+    assert all(len(train_losses(tmp_path / run)) == 4 for run in ("first", "second"))
+
+
 def stage_jobs(out: Path) -> dict:
     return json.loads((out / "slurm_jobs.json").read_text())
 

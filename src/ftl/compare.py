@@ -33,24 +33,26 @@ def run_compare(recipe_path: str, profile: Optional[str], overrides: list[str], 
     metric = cfg.target_metric or "loss"
     root = Path(out or f"runs/compare-{recipe.name}-{recipe.profile or 'base'}")
     root.mkdir(parents=True, exist_ok=True)
-    rows = []
+    planned = {}  # every variant is checked before any runs: a typo in the last one costs nothing
     for name, variant in variants.items():
         run_overrides = list(overrides) + list(variant) + [f"track.output_dir={root / name}"]
         try:
-            variant_recipe = load_recipe(recipe_path, profile, run_overrides)
+            planned[name] = (load_recipe(recipe_path, profile, run_overrides), run_overrides)
         except RecipeError as err:
             raise RecipeError(f"compare.variants.{name}: {err}") from None
-        command = build_launch_command(variant_recipe, recipe_path, run_overrides)
-        print(f"ftl compare: {name}: {command.shell()}", flush=True)
-        log = root / f"{name}.log"
-        started = time.time()
-        code, peak_kb = run_measured(runnable(command), log)
-        seconds = time.time() - started
-        if code != 0:
-            tail = "".join(log.read_text(errors="replace").splitlines(True)[-15:])
-            raise FtlError(f"compare: variant '{name}' failed (exit {code}); log {log}\n{tail}")
-        rows.append(summarise(name, root / name, metric, cfg, seconds, peak_kb))
-        print(f"ftl compare: {name}: {rows[-1]}", flush=True)
+    rows = []
+    for name, (variant_recipe, run_overrides) in planned.items():
+        measured = root / f"{name}.json"
+        row = reusable_row(measured, run_overrides)
+        if row is None:
+            command = build_launch_command(variant_recipe, recipe_path, run_overrides)
+            print(f"ftl compare: {name}: {command.shell()}", flush=True)
+            row = run_variant(name, runnable(command), root, metric, cfg)
+            write_atomic(measured, json.dumps({"overrides": run_overrides, "row": row}, indent=1))
+            print(f"ftl compare: {name}: {row}", flush=True)
+        else:
+            print(f"ftl compare: {name}: measured earlier with the same overrides, reusing {measured}", flush=True)
+        rows.append(row)
     (root / "compare.json").write_text(json.dumps(rows, indent=1))
     plot = plot_validation(rows, root, metric)
     report = root / REPORT
@@ -58,6 +60,32 @@ def run_compare(recipe_path: str, profile: Optional[str], overrides: list[str], 
     print(report.read_text(), flush=True)
     print(f"ftl compare: report {report}", flush=True)
     return report
+
+
+def run_variant(name: str, argv_env, root: Path, metric: str, cfg: CompareConfig) -> dict:
+    log = root / f"{name}.log"
+    started = time.time()
+    code, peak_kb = run_measured(argv_env, log)
+    seconds = time.time() - started
+    if code != 0:
+        tail = "".join(log.read_text(errors="replace").splitlines(True)[-15:])
+        raise FtlError(f"compare: variant '{name}' failed (exit {code}); log {log}\n{tail}")
+    return summarise(name, root / name, metric, cfg, seconds, peak_kb)
+
+
+def reusable_row(measured: Path, run_overrides: list[str]) -> Optional[dict]:
+    """A variant finished by an earlier (killed or failed) compare is not run again: its row is kept per
+    variant, and reused only when the variant ran with exactly the same overrides."""
+    if not measured.exists():
+        return None
+    saved = json.loads(measured.read_text())
+    return saved["row"] if saved.get("overrides") == run_overrides else None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def run_measured(argv_env, log: Path) -> tuple[int, int]:

@@ -298,7 +298,7 @@ class PPOConfig(Section):
     ppo_epochs: int = Field(2, gt=0)
     max_new_tokens: int = Field(24, gt=0)
     temperature: float = Field(1.0, gt=0)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, description="0: sample from the whole distribution, as the PPO ratio assumes")
     kl_coef: float = Field(0.05, ge=0)
     gamma: float = Field(1.0, gt=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)

@@ -26,7 +26,7 @@ def sampled_responses(model, tokenizer, prompts: list[str], cfg, device, seed: i
     batch = left_padded(tokenizer, prompts, device)
     model.eval()
     torch.manual_seed(seed)
-    sequences = model.generate(**batch, do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k or None,
+    sequences = model.generate(**batch, do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k,
                                top_p=1.0, max_new_tokens=cfg.max_new_tokens, use_cache=True,
                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     prompt_length = batch["input_ids"].shape[1]

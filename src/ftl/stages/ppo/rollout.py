@@ -87,7 +87,7 @@ def collect(policy, reference, value_model, reward: RewardFunction, tokenizer, p
     batch = left_padded(tokenizer, prompts, device)
     started = time.perf_counter()
     policy.eval()
-    sequences = policy.generate(**batch, do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k or None,
+    sequences = policy.generate(**batch, do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k,
                                 top_p=1.0, max_new_tokens=cfg.max_new_tokens, use_cache=True,
                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     generation_seconds = time.perf_counter() - started
