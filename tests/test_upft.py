@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import RECIPES, read_jsonl, run_ftl, train_losses
+from conftest import RECIPES, ROOT, read_jsonl, run_ftl, train_losses
 
 RECIPE = str(RECIPES / "upft.yaml")
 K, FULL_FRACTION, MAX_LENGTH, STEPS = 8, 0.25, 96, 40  # the tiny profile's settings
@@ -168,9 +168,14 @@ def test_resume_with_other_sampling_settings_is_refused(tiny_run, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+ZERO3 = [f"launch.config_file={ROOT / 'launch' / 'zero3.yaml'}", f"launch.deepspeed={ROOT / 'launch' / 'ds_zero3.json'}"]
+
+
 @pytest.mark.slow
-def test_two_ranks_sample_exactly_what_one_process_samples(tmp_path):
-    """DDP: each rank draws its share of the batches; the gathered file equals a one-process draw."""
+@pytest.mark.parametrize("sharding", ["ddp", "zero3"])
+def test_two_ranks_sample_exactly_what_one_process_samples(tmp_path, sharding):
+    """DDP: each rank draws its share of the batches; the gathered file equals a one-process draw.
+    ZeRO-3: the same, sampled with a whole copy of the base on each rank, while training holds half."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -180,11 +185,21 @@ def test_two_ranks_sample_exactly_what_one_process_samples(tmp_path):
 
     run = tmp_path / "run"
     overrides = [f"track.output_dir={run}", f"launch.main_process_port={free_port()}"]
-    proc = run_ftl("launch", RECIPE, "--profile", "tiny_ddp", *overrides, cwd=tmp_path)
+    overrides += ZERO3 if sharding == "zero3" else []
+    proc = run_ftl("launch", RECIPE, "--profile", "tiny_ddp", *overrides, cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((run / "manifest.json").read_text())
-    assert manifest["world_size"] == 2 and len({c["param_digest"] for c in manifest["rank_checks"]}) == 1
-    assert "on 2 rank(s)" in proc.stdout
+    checks = manifest["rank_checks"]
+    assert manifest["world_size"] == 2 and "on 2 rank(s)" in proc.stdout
+    if sharding == "zero3":
+        assert all(c["zero"]["param_numel_local"] * 2 == c["zero"]["param_numel_full"] for c in checks)
+        losses = train_losses(run)
+        assert sum(losses[-3:]) < sum(losses[:3])
+        trained = AutoModelForCausalLM.from_pretrained(run / "final", dtype=torch.float32)  # gathered whole
+        base = AutoModelForCausalLM.from_pretrained(run / "base", dtype=torch.float32)
+        assert trained.num_parameters() == base.num_parameters() == checks[0]["zero"]["param_numel_full"]
+    else:
+        assert len({c["param_digest"] for c in checks}) == 1
 
     recipe = load_recipe(RECIPE, "tiny_ddp", overrides)
     samples = read_jsonl(run / "upft_samples.jsonl")

@@ -42,17 +42,18 @@ def run_compare(recipe_path: str, profile: Optional[str], overrides: list[str], 
             raise RecipeError(f"compare.variants.{name}: {err}") from None
     rows = []
     for name, (variant_recipe, run_overrides) in planned.items():
-        measured = root / f"{name}.json"
-        row = reusable_row(measured, run_overrides)
-        if row is None:
+        measured_file = root / f"{name}.json"
+        measured = reusable_measurement(measured_file, run_overrides, root / name)
+        if measured is None:
             command = build_launch_command(variant_recipe, recipe_path, run_overrides)
             print(f"ftl compare: {name}: {command.shell()}", flush=True)
-            row = run_variant(name, runnable(command), root, metric, cfg)
-            write_atomic(measured, json.dumps({"overrides": run_overrides, "row": row}, indent=1))
-            print(f"ftl compare: {name}: {row}", flush=True)
+            measured = run_variant(name, runnable(command), root)
+            write_atomic(measured_file, json.dumps({"overrides": run_overrides, **measured}, indent=1))
         else:
-            print(f"ftl compare: {name}: measured earlier with the same overrides, reusing {measured}", flush=True)
-        rows.append(row)
+            print(f"ftl compare: {name}: measured earlier with the same overrides, reusing {measured_file}",
+                  flush=True)
+        rows.append(summarise(name, root / name, metric, cfg, lr=variant_recipe.train.lr, **measured))
+        print(f"ftl compare: {name}: {rows[-1]}", flush=True)
     (root / "compare.json").write_text(json.dumps(rows, indent=1))
     plot = plot_validation(rows, root, metric)
     report = root / REPORT
@@ -62,7 +63,8 @@ def run_compare(recipe_path: str, profile: Optional[str], overrides: list[str], 
     return report
 
 
-def run_variant(name: str, argv_env, root: Path, metric: str, cfg: CompareConfig) -> dict:
+def run_variant(name: str, argv_env, root: Path) -> dict:
+    """Run one variant; its wall time and peak memory (what cannot be recomputed from the run folder)."""
     log = root / f"{name}.log"
     started = time.time()
     code, peak_kb = run_measured(argv_env, log)
@@ -70,16 +72,20 @@ def run_variant(name: str, argv_env, root: Path, metric: str, cfg: CompareConfig
     if code != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(True)[-15:])
         raise FtlError(f"compare: variant '{name}' failed (exit {code}); log {log}\n{tail}")
-    return summarise(name, root / name, metric, cfg, seconds, peak_kb)
+    return {"seconds": seconds, "peak_kb": peak_kb}
 
 
-def reusable_row(measured: Path, run_overrides: list[str]) -> Optional[dict]:
-    """A variant finished by an earlier (killed or failed) compare is not run again: its row is kept per
-    variant, and reused only when the variant ran with exactly the same overrides."""
-    if not measured.exists():
+def reusable_measurement(measured_file: Path, run_overrides: list[str], run_dir: Path) -> Optional[dict]:
+    """A variant finished by an earlier (killed or failed) compare is not run again: its measurement is
+    kept per variant and reused only when the variant ran with exactly the same overrides and its run
+    folder still holds the finished run."""
+    manifest = run_dir / layout.MANIFEST_FILE
+    if not (measured_file.exists() and manifest.exists() and (run_dir / "eval.json").exists()):
         return None
-    saved = json.loads(measured.read_text())
-    return saved["row"] if saved.get("overrides") == run_overrides else None
+    saved = json.loads(measured_file.read_text())
+    if saved.get("overrides") != run_overrides or not json.loads(manifest.read_text()).get("finished"):
+        return None
+    return {"seconds": saved["seconds"], "peak_kb": saved["peak_kb"]}
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -98,16 +104,23 @@ def run_measured(argv_env, log: Path) -> tuple[int, int]:
     return proc.returncode, usage.ru_maxrss
 
 
-def summarise(name: str, run_dir: Path, metric: str, cfg: CompareConfig, seconds: float, peak_kb: int) -> dict:
+def summarise(name: str, run_dir: Path, metric: str, cfg: CompareConfig, lr: float, seconds: float,
+              peak_kb: int) -> dict:
     manifest = json.loads((run_dir / layout.MANIFEST_FILE).read_text())
-    after = json.loads((run_dir / "eval.json").read_text())["after"]
+    report = json.loads((run_dir / "eval.json").read_text())
+    before, after = report.get("before") or {}, report["after"]
     curve = [(r["step"], r[f"eval/{metric}"]) for r in read_metrics(run_dir / layout.METRICS_FILE)
              if f"eval/{metric}" in r]
+    if metric in before:  # the curve runs from the untrained model to the final evaluation
+        curve.insert(0, (0, before[metric]))
+    if metric in after and (not curve or curve[-1][0] != manifest["steps"]):
+        curve.append((manifest["steps"], after[metric]))
     trainable = manifest.get("trainable", {})
-    return {"variant": name, "trainable_params": trainable.get("trainable_params"),
+    finals = {f"{split}_{m}": (after if split == "validation" else after.get("test") or {}).get(m)
+              for m in [metric, *cfg.extra_metrics] for split in ("validation", "test")}
+    return {"variant": name, "lr": lr, "trainable_params": trainable.get("trainable_params"),
             "trainable_share": trainable.get("trainable_share"), "peak_rss_mb": round(peak_kb / 1024),
-            "seconds": round(seconds, 1), "steps_to_target": steps_to_target(curve, cfg),
-            f"validation_{metric}": after.get(metric), f"test_{metric}": (after.get("test") or {}).get(metric),
+            "seconds": round(seconds, 1), "steps_to_target": steps_to_target(curve, cfg), **finals,
             "curve": curve}
 
 
@@ -122,15 +135,18 @@ def render(rows: list[dict], name: str, profile: Optional[str], metric: str, cfg
            plot: Optional[Path]) -> str:
     target = f"{metric} {'≥' if cfg.target_mode == 'max' else '≤'} {cfg.target_value}" \
         if cfg.target_value is not None else "no target set"
+    finals = [f"{split}_{m}" for m in [metric, *cfg.extra_metrics] for split in ("validation", "test")]
     lines = [f"# Compare: {name} ({profile or 'base'})", "",
              f"Same data, steps and evaluation for every variant. Steps to target: first evaluation with {target}.",
-             "", f"| variant | trainable params | trainable % | peak RSS (MB) | wall (s) | steps to target | "
-                 f"validation {metric} | test {metric} |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "", "| variant | lr | trainable params | trainable % | peak RSS (MB) | wall (s) | steps to target | "
+                 + " | ".join(f.replace("_", " ") for f in finals) + " |",
+             "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(finals)]
     for r in rows:
         share = f"{100 * r['trainable_share']:.2f}" if r["trainable_share"] is not None else "-"
-        lines.append(f"| {r['variant']} | {r['trainable_params'] or 0:,} | {share} | {r['peak_rss_mb']} | "
-                     f"{r['seconds']} | {r['steps_to_target'] if r['steps_to_target'] is not None else 'not reached'}"
-                     f" | {_fmt(r[f'validation_{metric}'])} | {_fmt(r[f'test_{metric}'])} |")
+        reached = r["steps_to_target"] if r["steps_to_target"] is not None else "not reached"
+        lines.append(f"| {r['variant']} | {r['lr']:g} | {r['trainable_params'] or 0:,} | {share} | "
+                     f"{r['peak_rss_mb']} | {r['seconds']} | {reached} | "
+                     + " | ".join(_fmt(r.get(f)) for f in finals) + " |")
     if plot:
         lines += ["", f"![validation {metric}]({plot.name})"]
     return "\n".join(lines) + "\n"

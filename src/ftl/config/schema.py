@@ -343,6 +343,8 @@ class CompareConfig(Section):
     target_metric: Optional[str] = Field(None, description="validation metric for 'steps to reach target'")
     target_value: Optional[float] = None
     target_mode: Literal["min", "max"] = "max"
+    extra_metrics: list[str] = Field([], description="more final metrics in the table (validation and test), "
+                                                     "e.g. macro_f1 where classes are imbalanced")
 
 
 STAGES = ("sft", "reward", "ppo", "dpo", "grpo", "classify", "upft")
