@@ -89,13 +89,17 @@ def test_minilm_encoder_gets_a_topic_head_and_learns(tmp_path):
 
 def test_compare_reports_methods_against_scratch(tmp_path):
     out = tmp_path / "compare"
-    proc = run_ftl("compare", str(COMPARED), "--profile", "tiny", "--out", str(out), cwd=tmp_path, timeout=600)
+    proc = run_ftl("compare", str(COMPARED), "--profile", "tiny", "--out", str(out), cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = {r["variant"]: r for r in json.loads((out / "compare.json").read_text())}
-    assert list(rows) == ["full", "lora", "scratch"]
-    assert rows["lora"]["trainable_share"] < 0.5 < rows["full"]["trainable_share"] == 1.0
+    assert list(rows) == ["full", "freeze_bottom", "head_only", "lora", "qlora", "prefix", "adapter", "scratch"]
+    assert rows["full"]["trainable_share"] == rows["scratch"]["trainable_share"] == 1.0
+    assert all(r["trainable_share"] < 1.0 for name, r in rows.items() if name not in ("full", "scratch"))
+    assert rows["head_only"]["trainable_params"] < rows["lora"]["trainable_params"]
     assert all(r["peak_rss_mb"] > 100 and r["seconds"] > 0 and r["curve"] for r in rows.values())
-    assert all(0 <= r["test_accuracy"] <= 1 for r in rows.values())
+    assert all(0 <= r["test_accuracy"] <= 1 and 0 <= r["test_macro_f1"] <= 1 for r in rows.values())
+    assert all(r["curve"][0][0] == 0 and r["curve"][-1][0] == 20 for r in rows.values())  # untrained → final
+    assert rows["lora"]["lr"] == 5.0e-4 and rows["full"]["lr"] == 3.0e-3   # the variant's, else the profile's
     report = (out / "compare.md").read_text()
     assert "| scratch |" in report and "steps to target" in report and (out / "compare.png").exists()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -40,6 +41,21 @@ def load_tokenizer(cfg: ModelConfig, texts: Iterable[str] = (), saved: Optional[
     return tokenizer
 
 
+@contextmanager
+def without_zero_init():
+    """Build or load a model whole. Under ZeRO-3 (accelerate's zero3_init_flag) transformers would
+    partition it, a collective every rank must join: wrong for a model one process builds, or one no
+    engine owns."""
+    import transformers.integrations.deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
+
+
 def base_model_dir(cfg: ModelConfig, tokenizer, seed: int, run_dir: Path) -> Path:
     """The folder the base model loads from. The tiny model is built once and saved in the run
     directory, so quantised loading, resume, evaluation and merge all start from the same weights."""
@@ -54,7 +70,8 @@ def base_model_dir(cfg: ModelConfig, tokenizer, seed: int, run_dir: Path) -> Pat
 
         partial = run_dir / "base.partial"
         shutil.rmtree(partial, ignore_errors=True)
-        build_tiny_model(cfg.tiny, tokenizer, seed, cfg.attn_implementation).save_pretrained(partial)
+        with without_zero_init():  # only the main process builds it; all ranks load (and partition) it
+            build_tiny_model(cfg.tiny, tokenizer, seed, cfg.attn_implementation).save_pretrained(partial)
         os.replace(partial, target)
     return target
 

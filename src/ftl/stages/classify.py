@@ -141,10 +141,8 @@ def run_classify(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
             metrics["test"] = evaluate(model, test)
         return metrics
 
-    if recipe.eval.before_training:
-        session.evaluate_before(lambda: evaluate(model))
     model, result = fit(accelerator=acc, model=model, cfg=recipe.train, features=train,
                         collate=lambda rows: collate_texts(rows, pad), loss_fn=cross_entropy, run_dir=run_dir,
-                        log=session.log, resume=resume, evaluate=evaluate, eval_every=recipe.eval.every,
-                        save_model=session.model_saver(tokenizer))
+                        log=session.log, resume=resume, before_training=session.evaluation_before(evaluate),
+                        evaluate=evaluate, eval_every=recipe.eval.every, save_model=session.model_saver(tokenizer))
     return session.finish(model, tokenizer, result, evaluate_at_end)

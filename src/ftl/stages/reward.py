@@ -86,10 +86,8 @@ def run_reward(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     def evaluate(m) -> dict:
         return pairwise_metrics(m, validation, pad, recipe.eval.batch_size, acc) if validation else {}
 
-    if recipe.eval.before_training:
-        session.evaluate_before(lambda: evaluate(model))
     model, result = fit(accelerator=acc, model=model, cfg=recipe.train, features=train,
                         collate=lambda rows: collate_pairs(rows, pad), loss_fn=pairwise_loss, run_dir=run_dir,
-                        log=session.log, resume=resume, evaluate=evaluate, eval_every=recipe.eval.every,
-                        save_model=session.model_saver(tokenizer))
+                        log=session.log, resume=resume, before_training=session.evaluation_before(evaluate),
+                        evaluate=evaluate, eval_every=recipe.eval.every, save_model=session.model_saver(tokenizer))
     return session.finish(model, tokenizer, result, lambda: evaluate(model))

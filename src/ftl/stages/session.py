@@ -12,7 +12,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from ftl import run_dir as layout
 from ftl.config import save_resolved
@@ -113,12 +113,18 @@ class RunSession:
                 self.sinks.append(self.wandb)
         self.log = MetricsLog(self.run_dir / layout.METRICS_FILE, self.main, self.resume_step, self.sinks)
 
-    def evaluate_before(self, evaluate: Callable[[], dict]) -> None:
-        if self.resume_step is not None:
-            return  # measured by the run being resumed
-        metrics = evaluate()
-        if self.main:
-            (self.run_dir / BEFORE_FILE).write_text(json.dumps(metrics, ensure_ascii=False))
+    def evaluation_before(self, evaluate: Callable[[Any], dict]) -> Optional[Callable[[Any], None]]:
+        """The untrained model's evaluation (eval.before_training), for `fit` to run once it has prepared
+        the model: under ZeRO-3 an unprepared model holds only this rank's shards. None on resume: the
+        run being resumed measured it."""
+        if not self.recipe.eval.before_training or self.resume_step is not None:
+            return None
+
+        def run(model) -> None:
+            metrics = evaluate(model)
+            if self.main:
+                (self.run_dir / BEFORE_FILE).write_text(json.dumps(metrics, ensure_ascii=False))
+        return run
 
     # -- the end ---------------------------------------------------------------------------
     def finish(self, model, tokenizer, result, evaluate: Callable[[], dict], part: Optional[str] = None) -> dict:

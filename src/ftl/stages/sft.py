@@ -43,12 +43,10 @@ def run_sft(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
                                                   recipe.eval.generate.max_new_tokens)
         return metrics
 
-    if recipe.eval.before_training:
-        session.evaluate_before(lambda: evaluate(model, with_samples=True))
-
     model, result = fit(accelerator=acc, model=model, cfg=recipe.train, features=train_rows,
                         collate=partial(collate, pad_id=tokenizer.pad_token_id), loss_fn=causal_lm_loss,
                         run_dir=run_dir, log=session.log, resume=resume,
+                        before_training=session.evaluation_before(lambda m: evaluate(m, with_samples=True)),
                         evaluate=evaluate, eval_every=recipe.eval.every, save_model=session.model_saver(tokenizer))
     summary = session.finish(model, tokenizer, result, lambda: evaluate(model, with_samples=True))
     if recipe.method.qat.enabled and not result.interrupted:  # convert, save quantized/, compare with PTQ

@@ -45,7 +45,7 @@ from ftl.errors import RecipeError
 from ftl.evaluate.generate import generate_samples, sample_prompts
 from ftl.evaluate.lm import causal_lm_loss, lm_loss
 from ftl.methods import PACKING_INCOMPATIBLE, QUANT_BITS
-from ftl.models.load import load_model
+from ftl.models.load import load_model, without_zero_init
 from ftl.stages.ppo.rollout import left_padded, response_mask
 from ftl.stages.session import RunSession
 from ftl.train.distributed import is_sharded
@@ -178,8 +178,6 @@ def draw_samples(session: RunSession, recipe: Recipe, base, base_dir: Path, toke
             (session.run_dir / name).unlink(missing_ok=True)
     sampler = base
     if is_sharded(acc):  # ZeRO-3 partitions the base on load: sample with a whole copy on every rank
-        from ftl.stages.ppo import without_zero_init
-
         with without_zero_init():
             sampler = load_model(recipe.model.model_copy(update={"gradient_checkpointing": False}), base_dir)
     if QUANT_BITS.get(recipe.method.kind) is None:
@@ -265,11 +263,9 @@ def run_upft(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
                                                   recipe.eval.generate.max_new_tokens)
         return metrics
 
-    if recipe.eval.before_training:
-        session.evaluate_before(lambda: evaluate(model, with_samples=True))
-
     model, result = fit(accelerator=acc, model=model, cfg=recipe.train, features=train_rows,
                         collate=partial(collate, pad_id=tokenizer.pad_token_id), loss_fn=causal_lm_loss,
                         run_dir=run_dir, log=session.log, resume=resume,
+                        before_training=session.evaluation_before(lambda m: evaluate(m, with_samples=True)),
                         evaluate=evaluate, eval_every=recipe.eval.every, save_model=session.model_saver(tokenizer))
     return session.finish(model, tokenizer, result, lambda: evaluate(model, with_samples=True))

@@ -204,10 +204,12 @@ def fit(*, accelerator, model, cfg: TrainConfig, features: list[dict], collate: 
         loss_fn: LossFn, run_dir: Path, log: Callable[[dict], None], resume: bool = False,
         evaluate: Optional[Callable[[torch.nn.Module], dict]] = None, eval_every: Optional[int] = None,
         param_groups=None, progress: bool = True,
-        save_model: Optional[Callable[[torch.nn.Module, Path], None]] = None) -> tuple[torch.nn.Module, FitResult]:
+        save_model: Optional[Callable[[torch.nn.Module, Path], None]] = None,
+        before_training: Optional[Callable[[torch.nn.Module], None]] = None) -> tuple[torch.nn.Module, FitResult]:
     """Train `model` on `features`. `evaluate(model)` returns validation metrics (used every `eval_every`
     steps and, with train.early_stopping, at every epoch end); `save_model(model, folder)` writes a
-    usable model folder (default: accelerate's model.safetensors) for the `best/` copy."""
+    usable model folder (default: accelerate's model.safetensors) for the `best/` copy;
+    `before_training(model)` runs on the prepared model before a fresh (not resumed) run's first step."""
     opt = _Optimization(accelerator, model, cfg, len(features), param_groups, run_dir)
     total = opt.total
     stopper = controls.EarlyStopping(cfg.early_stopping)
@@ -228,6 +230,8 @@ def fit(*, accelerator, model, cfg: TrainConfig, features: list[dict], collate: 
         stopper.restore(saved.get("early_stopping"))
         result.resumed_from = step
         accelerator.print(f"ftl: resumed from {ckpt} (step {step} of {total})")
+    elif before_training is not None:
+        before_training(model)
 
     stop = StopRequest().install()
     world = accelerator.num_processes

@@ -18,7 +18,7 @@ import torch
 from ftl.config.schema import Recipe
 from ftl.data.tokenize import generation_prompt
 from ftl.methods import MERGEABLE, QUANT_BITS
-from ftl.models.load import load_model
+from ftl.models.load import load_model, without_zero_init
 from ftl.stages.ppo import maths
 from ftl.stages.ppo.rollout import RewardFunction, Rollout, collect, response_logprobs, response_values
 from ftl.stages.session import RunSession
@@ -76,19 +76,6 @@ class PolicyAndValue(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("call .policy or .value")
-
-
-@contextmanager
-def without_zero_init():
-    """Load a frozen model whole: under ZeRO-3 transformers would partition it, but no engine owns it."""
-    import transformers.integrations.deepspeed as hf_ds
-
-    saved = hf_ds._hf_deepspeed_config_weak_ref
-    hf_ds.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
 def ppo_step(accelerator, policy, value_model, optimizer, rollout: Rollout, advantages, returns, cfg, grad_clip,
