@@ -116,12 +116,17 @@ def summarise(name: str, run_dir: Path, metric: str, cfg: CompareConfig, lr: flo
     if metric in after and (not curve or curve[-1][0] != manifest["steps"]):
         curve.append((manifest["steps"], after[metric]))
     trainable = manifest.get("trainable", {})
-    finals = {f"{split}_{m}": (after if split == "validation" else after.get("test") or {}).get(m)
-              for m in [metric, *cfg.extra_metrics] for split in ("validation", "test")}
+    finals = {column: (after if split == "validation" else after.get("test") or {}).get(m)
+              for column, split, m in final_columns(metric, cfg)}
     return {"variant": name, "lr": lr, "trainable_params": trainable.get("trainable_params"),
             "trainable_share": trainable.get("trainable_share"), "peak_rss_mb": round(peak_kb / 1024),
             "seconds": round(seconds, 1), "steps_to_target": steps_to_target(curve, cfg), **finals,
             "curve": curve}
+
+
+def final_columns(metric: str, cfg: CompareConfig) -> list[tuple[str, str, str]]:
+    """(column, split, metric) of the final metrics in the table: the target metric, then the extras."""
+    return [(f"{split}_{m}", split, m) for m in [metric, *cfg.extra_metrics] for split in ("validation", "test")]
 
 
 def steps_to_target(curve: list[tuple[int, float]], cfg: CompareConfig) -> Optional[int]:
@@ -135,7 +140,7 @@ def render(rows: list[dict], name: str, profile: Optional[str], metric: str, cfg
            plot: Optional[Path]) -> str:
     target = f"{metric} {'≥' if cfg.target_mode == 'max' else '≤'} {cfg.target_value}" \
         if cfg.target_value is not None else "no target set"
-    finals = [f"{split}_{m}" for m in [metric, *cfg.extra_metrics] for split in ("validation", "test")]
+    finals = [column for column, _, _ in final_columns(metric, cfg)]
     lines = [f"# Compare: {name} ({profile or 'base'})", "",
              f"Same data, steps and evaluation for every variant. Steps to target: first evaluation with {target}.",
              "", "| variant | lr | trainable params | trainable % | peak RSS (MB) | wall (s) | steps to target | "
