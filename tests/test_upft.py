@@ -168,7 +168,8 @@ def test_resume_with_other_sampling_settings_is_refused(tiny_run, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-ZERO3 = [f"launch.config_file={ROOT / 'launch' / 'zero3.yaml'}", f"launch.deepspeed={ROOT / 'launch' / 'ds_zero3.json'}"]
+ZERO3 = [f"launch.config_file={ROOT / 'launch' / 'zero3.yaml'}",
+         f"launch.deepspeed={ROOT / 'launch' / 'ds_zero3.json'}"]
 
 
 @pytest.mark.slow

@@ -79,8 +79,8 @@ def reusable_measurement(measured_file: Path, run_overrides: list[str], run_dir:
     """A variant finished by an earlier (killed or failed) compare is not run again: its measurement is
     kept per variant and reused only when the variant ran with exactly the same overrides and its run
     folder still holds the finished run."""
-    manifest = run_dir / layout.MANIFEST_FILE
-    if not (measured_file.exists() and manifest.exists() and (run_dir / "eval.json").exists()):
+    manifest = run_dir / layout.MANIFEST_FILE  # `finished` is written after the run's eval.json
+    if not (measured_file.exists() and manifest.exists()):
         return None
     saved = json.loads(measured_file.read_text())
     if saved.get("overrides") != run_overrides or not json.loads(manifest.read_text()).get("finished"):
@@ -107,7 +107,7 @@ def run_measured(argv_env, log: Path) -> tuple[int, int]:
 def summarise(name: str, run_dir: Path, metric: str, cfg: CompareConfig, lr: float, seconds: float,
               peak_kb: int) -> dict:
     manifest = json.loads((run_dir / layout.MANIFEST_FILE).read_text())
-    report = json.loads((run_dir / "eval.json").read_text())
+    report = json.loads((run_dir / layout.EVAL_FILE).read_text())
     before, after = report.get("before") or {}, report["after"]
     curve = [(r["step"], r[f"eval/{metric}"]) for r in read_metrics(run_dir / layout.METRICS_FILE)
              if f"eval/{metric}" in r]

@@ -14,6 +14,7 @@ def run_dir_for(recipe: Recipe) -> Path:
 RECIPE_FILE = "recipe.yaml"
 MANIFEST_FILE = "manifest.json"
 METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.json"           # before/after evaluation (evaluate.report)
 FINAL_DIR = "final"
 TOKENIZER_DIR = "tokenizer"
 PLOT_FILE = "curves.png"

@@ -112,7 +112,7 @@ def compare_qat(recipe, run_dir: Path, accelerator=None, resume: bool = False, b
         report = {"summary": summary, "rows": rows}
         (run_dir / "qat.json").write_text(json.dumps(report, indent=1))
         (run_dir / "qat.md").write_text(_markdown(summary, rows, render_table))
-        eval_json = run_dir / "eval.json"
+        eval_json = run_dir / layout.EVAL_FILE
         results = json.loads(eval_json.read_text()) if eval_json.exists() else {}
         results.update({k: rows[k] for k in ("qat_converted", "plain_fp32", "plain_ptq")})
         write_report(run_dir, results)
@@ -149,7 +149,7 @@ def _plain_model(recipe, run_dir: Path, acc, resume: bool, baseline_dir: Optiona
     if baseline_dir is not None:
         return load_trained(recipe, Path(baseline_dir)).to(acc.device), str(baseline_dir)
     out = run_dir / BASELINE_DIR
-    done = resume and (out / layout.FINAL_DIR / "config.json").exists() and (out / "eval.json").exists()
+    done = resume and (out / layout.FINAL_DIR / "config.json").exists() and (out / layout.EVAL_FILE).exists()
     if not done:
         if acc.is_main_process:
             if not resume:

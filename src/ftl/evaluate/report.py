@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ftl import run_dir as layout
+
 SCALARS = ("loss", "perplexity", "accuracy", "precision", "recall", "f1", "macro_f1", "tokens")
 
 
 def write_report(out_dir: Path, results: dict[str, dict]) -> tuple[Path, Path]:
     """results: phase name ('before', 'after', ...) → metrics (+ optional 'samples')."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out_dir / "eval.json", out_dir / "eval.md"
+    json_path, md_path = out_dir / layout.EVAL_FILE, out_dir / "eval.md"
     json_path.write_text(json.dumps(results, indent=1, ensure_ascii=False))
     md_path.write_text(render_table(results))
     return json_path, md_path
