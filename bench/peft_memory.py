@@ -40,7 +40,7 @@ def step_seconds(model, batch) -> float:
 
 def main() -> dict:
     from ftl.config.schema import MethodConfig
-    from ftl.methods import QUANT_BITS, apply_method, trainable_summary
+    from ftl.methods import METHODS as METHOD_TABLE, apply_method, trainable_summary
     from ftl.models.quantize import linear_weight_bytes, weight_bytes
 
     memory = {}
@@ -52,7 +52,7 @@ def main() -> dict:
     shares = {}
     for kind in METHODS:
         method = MethodConfig(kind=kind)
-        model = apply_method(load("float32", QUANT_BITS.get(kind)), method)
+        model = apply_method(load("float32", METHOD_TABLE[kind].quant_bits), method)
         shares[kind] = trainable_summary(model)
         del model
     torch.manual_seed(0)

@@ -24,8 +24,8 @@ def timed_run(profile: str, out: Path) -> dict:
     run_dir = out / f"ppo-{profile}"
     model = [f"model.source={'tiny' if profile == 'tiny' else 'smollm2'}", "model.path=null"]
     argv = [sys.executable, "-m", "ftl", "run", str(ROOT / "recipes/rlhf/ppo.yaml"), "--profile", profile,
-            f"track.output_dir={run_dir}", "ppo.value_from=policy", "ppo.missing_eos_penalty=null",
-            "ppo.reward={kind: function, function: 'ftl.stages.ppo.rewards:count_substring'}",
+            f"track.output_dir={run_dir}", "ppo.value_from=policy", "reward.missing_eos_penalty=null",
+            "reward={kind: function, function: 'ftl.rl.reward_functions:count_substring'}",
             f"train.max_steps={STEPS[profile]}", "eval.max_examples=1", "method.kind=lora", *model]
     subprocess.run(argv, cwd=out, check=True, env={**os.environ, "OMP_NUM_THREADS": "2"},
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -149,7 +149,7 @@ def test_bad_settings_name_the_key(setup, tmp_path):
         train(setup, tmp_path / "b", TrainConfig(unfreeze=[{"steps": 2, "lr": 1e-3}], layer_lr={"head_lr": 1e-2}))
     # LoRA trains nothing outside the blocks: a head-only stage would train nothing
     from ftl.config.schema import MethodConfig
-    with pytest.raises(RecipeError, match=r"train\.unfreeze\[0\]: nothing trains in this stage"):
+    with pytest.raises(RecipeError, match=r"train\.unfreeze\[0\]: nothing trains in this phase"):
         train(setup, tmp_path / "c", TrainConfig(unfreeze=[{"steps": 2, "lr": 1e-3, "top_blocks": 0}]),
               method=MethodConfig(kind="lora"))
     bad_metric = TrainConfig(max_steps=2, batch_size=len(setup["rows"]) // 2, early_stopping={"metric": "accuracy"})
@@ -181,7 +181,7 @@ def staged_run(setup):
 def test_staged_unfreezing_trains_head_then_top_block_then_everything(staged_run):
     snaps, history = staged_run["snapshots"], staged_run["history"]
     assert [r["step"] for r in history] == list(range(1, 10))  # 3 stages x 3 steps, not epochs/max_steps
-    assert [r["unfreeze_stage"] for r in history] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert [r["unfreeze_phase"] for r in history] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     names = list(snaps[0])
 
     def moved(a, b, which):
@@ -195,7 +195,7 @@ def test_staged_unfreezing_trains_head_then_top_block_then_everything(staged_run
     assert moved(6, 9, names) == names  # stage 3: everything, embeddings included
 
     builds = staged_run["result"].optimizer_builds
-    assert [(b["step"], b["stage"]) for b in builds] == [(0, 0), (3, 1), (6, 2)]
+    assert [(b["step"], b["phase"]) for b in builds] == [(0, 0), (3, 1), (6, 2)]
     assert [[(g["name"], g["lr"]) for g in b["groups"]] for b in builds] == [
         [("head", 1e-2)],
         [("block.2", 5e-3), ("head", 5e-3)],
@@ -224,7 +224,7 @@ def resume_from(setup, staged_run, tmp_path, step):
 def test_resume_across_an_unfreeze_boundary_reproduces_the_run(setup, staged_run, tmp_path, step):
     model, result, history = resume_from(setup, staged_run, tmp_path, step)
     assert result.resumed_from == step
-    assert [b["stage"] for b in result.optimizer_builds] == ([0, 1, 2] if step == 3 else [1, 2])
+    assert [b["phase"] for b in result.optimizer_builds] == ([0, 1, 2] if step == 3 else [1, 2])
     straight = staged_run["history"][step:]
     assert [r["loss"] for r in history] == [r["loss"] for r in straight]
     assert [r["lr"] for r in history] == [r["lr"] for r in straight]
@@ -241,7 +241,7 @@ def test_sigusr1_inside_stage_2_checkpoints_and_resumes_exactly(setup, staged_ru
 
     _, result, history = train(setup, run, TrainConfig(**STAGED), on_step=signal_at_5)
     assert result.interrupted and result.steps == 5
-    assert json.loads((run / "checkpoints" / "step-0000005" / "trainer_state.json").read_text())["unfreeze_stage"] == 1
+    assert json.loads((run / "checkpoints" / "step-0000005" / "trainer_state.json").read_text())["unfreeze_phase"] == 1
     model, result, resumed = train(setup, run, TrainConfig(**STAGED), resume=True)
     assert [r["loss"] for r in history + resumed] == [r["loss"] for r in staged_run["history"]]
     final = weights(model)

@@ -10,7 +10,7 @@ from ftl.data import load_splits
 from ftl.data.packing import collate, pack_sequences
 from ftl.data.tokenize import encode_records
 from ftl.evaluate.lm import causal_lm_loss, lm_loss
-from ftl.methods import PACKING_INCOMPATIBLE, QUANT_BITS, apply_method, load_trained, save_trained, trainable_summary
+from ftl.methods import METHODS as METHOD_TABLE, apply_method, load_trained, save_trained, trainable_summary
 from ftl.models.load import base_model_dir, load_model, record_texts
 from ftl.models.tiny import train_tiny_tokenizer
 from ftl.train.distributed import make_accelerator
@@ -60,7 +60,7 @@ def setup(tmp_path_factory):
 
 def load_method(setup, kind, options):
     method = MethodConfig.model_validate({"kind": kind, **options})
-    model = load_model(setup["model_cfg"], setup["base"], QUANT_BITS.get(kind), method.quant)
+    model = load_model(setup["model_cfg"], setup["base"], METHOD_TABLE[kind].quant_bits, method.quant)
     return apply_method(model, method), method
 
 
@@ -86,7 +86,7 @@ def test_method_trains_keeps_frozen_weights_and_reloads_exactly(setup, kind, tmp
     assert bool(frozen) == (kind != "full")
 
     features = setup["features"][:16]  # a small set every method can fit within a few steps
-    rows = features if kind in PACKING_INCOMPATIBLE else pack_sequences(features, 96)
+    rows = pack_sequences(features, 96) if METHOD_TABLE[kind].packs else features
     train = TrainConfig(lr=lr, max_steps=STEPS, batch_size=4, warmup_steps=0, scheduler="constant",
                         save_every=None, grad_clip=None, seed=0)
     torch.manual_seed(0)
@@ -111,7 +111,7 @@ def test_method_trains_keeps_frozen_weights_and_reloads_exactly(setup, kind, tmp
     save_trained(model, model.state_dict(), tmp_path / "adapter", method)
     size = sum(p.stat().st_size for p in (tmp_path / "adapter").iterdir())
     assert size < 0.5 * sum(p.stat().st_size for p in setup["base"].glob("*.safetensors"))  # small
-    fresh = load_model(setup["model_cfg"], setup["base"], QUANT_BITS.get(kind), method.quant)
+    fresh = load_model(setup["model_cfg"], setup["base"], METHOD_TABLE[kind].quant_bits, method.quant)
     reloaded = load_trained(fresh, tmp_path / "adapter", method)
     torch.testing.assert_close(logits(reloaded, batch), trained, atol=1e-5, rtol=1e-5)
 

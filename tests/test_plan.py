@@ -12,7 +12,7 @@ SIZES = [ModelShape(total=n, linear=int(n * 0.9), largest_layer=n // 20, lora=n 
 
 
 def bf16_deepspeed(stage, devices, **kw):
-    return Setup(method="full", stage=stage, devices=devices, deepspeed=True, precision="bf16",
+    return Setup(method="full", zero_stage=stage, devices=devices, deepspeed=True, precision="bf16",
                  model_dtype="bfloat16", optimizer="adamw", **kw)
 
 
@@ -50,7 +50,7 @@ def test_agrees_with_deepspeeds_own_estimators(shape, devices):
 
 def test_lora_and_qlora_hold_far_less_than_full():
     shape = SIZES[-1]
-    single = dict(stage=0, devices=1, deepspeed=False, precision="bf16", model_dtype="bfloat16", optimizer="adamw")
+    single = dict(zero_stage=0, devices=1, deepspeed=False, precision="bf16", model_dtype="bfloat16", optimizer="adamw")
     full, lora, qlora = (estimate(shape, Setup(method=m, **single)).device_total for m in ("full", "lora", "qlora"))
     assert full == pytest.approx(8 * shape.total)  # bf16 weights 2 + grads 2 + Adam m, v in bf16 2 + 2
     assert lora == pytest.approx(2 * shape.total + 8 * shape.lora)

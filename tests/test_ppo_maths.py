@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from ftl.stages.ppo.maths import (entropy_from_logits, gae, kl_estimate, masked_mean, policy_loss, token_rewards,
-                                  value_loss, whiten)
+from ftl.rl.maths import (entropy_from_logits, gae, kl_estimate, masked_mean, policy_loss, token_rewards, value_loss,
+                          whiten)
 
 T = torch.tensor
 

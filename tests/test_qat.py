@@ -12,7 +12,8 @@ from conftest import RECIPES
 from ftl.config import load_recipe
 from ftl.config.schema import MethodConfig, ModelConfig
 from ftl.errors import RecipeError
-from ftl.evaluate.qat_report import LOGIT_TOLERANCE, ROWS, compare_qat
+from ftl.evaluate.qat_report import LOGIT_TOLERANCE, ROWS
+from ftl.stages.sft_qat import compare_qat
 from ftl.methods import apply_method
 from ftl.methods import qat as q
 from ftl.models.load import load_model

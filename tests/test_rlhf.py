@@ -26,7 +26,7 @@ def test_pipeline_hands_artifacts_on_and_ppo_raises_the_reward(pipeline_run):
         assert (out / stage / "final").is_dir() and (out / stage / "stage.json").exists()
     ppo_recipe = yaml.safe_load((out / "ppo" / "recipe.yaml").read_text())
     assert ppo_recipe["model"]["path"] == str(out / "sft" / "final")
-    assert ppo_recipe["ppo"]["reward"]["path"] == str(out / "reward" / "final")
+    assert ppo_recipe["reward"]["path"] == str(out / "reward" / "final")
     reward_eval = json.loads((out / "reward" / "eval.json").read_text())["after"]
     assert reward_eval["pairwise_accuracy"] > 0.6 and reward_eval["mean_margin"] > 0
     rewards = [r["reward"] for r in read_jsonl(out / "ppo" / "metrics.jsonl")]
@@ -93,8 +93,8 @@ def test_ppo_raises_a_known_reward_while_kl_stays_bounded(pipeline_run, tmp_path
     _, _, out = pipeline_run
     proc = run_ftl("run", str(ROOT / "recipes" / "rlhf" / "ppo.yaml"), "--profile", "tiny",
                    f"model.path={out / 'sft' / 'final'}", f"track.output_dir={tmp_path / 'ppo'}",
-                   "ppo.reward={kind: function, function: 'ftl.stages.ppo.rewards:count_substring', "
-                   "kwargs: {target: e}}", "ppo.missing_eos_penalty=null", "ppo.value_from=policy",
+                   "reward={kind: function, function: 'ftl.rl.reward_functions:count_substring', "
+                   "kwargs: {target: e}}", "reward.missing_eos_penalty=null", "ppo.value_from=policy",
                    "ppo.kl_coef=0.1", "train.max_steps=30", "train.lr=5e-4", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_jsonl(tmp_path / "ppo" / "metrics.jsonl")
@@ -108,7 +108,7 @@ def test_ppo_raises_a_known_reward_while_kl_stays_bounded(pipeline_run, tmp_path
 def test_ppo_on_two_ranks_with_a_lora_policy(pipeline_run, tmp_path):
     _, _, out = pipeline_run
     proc = run_ftl("launch", str(ROOT / "recipes" / "rlhf" / "ppo.yaml"), "--profile", "tiny",
-                   f"model.path={out / 'sft' / 'final'}", f"ppo.reward.path={out / 'reward' / 'final'}",
+                   f"model.path={out / 'sft' / 'final'}", f"reward.path={out / 'reward' / 'final'}",
                    f"track.output_dir={tmp_path / 'ppo2'}", "launch.num_processes=2",
                    f"launch.main_process_port={free_port()}", "method.kind=lora", "train.max_steps=4",
                    "ppo.rollout_batch=4", cwd=tmp_path, timeout=900)
@@ -125,7 +125,7 @@ def test_ppo_on_two_ranks_with_a_lora_policy(pipeline_run, tmp_path):
 def test_ppo_under_zero3_keeps_half_of_policy_and_value_per_rank(pipeline_run, tmp_path):
     _, _, out = pipeline_run
     proc = run_ftl("launch", str(ROOT / "recipes" / "rlhf" / "ppo.yaml"), "--profile", "tiny_zero3",
-                   f"model.path={out / 'sft' / 'final'}", f"ppo.reward.path={out / 'reward' / 'final'}",
+                   f"model.path={out / 'sft' / 'final'}", f"reward.path={out / 'reward' / 'final'}",
                    f"track.output_dir={tmp_path / 'z3'}", f"launch.main_process_port={free_port()}",
                    cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

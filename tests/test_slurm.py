@@ -172,7 +172,7 @@ def test_pipeline_stages_run_as_chained_jobs(slurm, tmp_path):
         {n: (i["JobState"], Path(jobs[n]["log"]).read_text()[-1500:]) for n, i in infos.items()}
     ppo_recipe = yaml.safe_load((out / "ppo" / "recipe.yaml").read_text())
     assert ppo_recipe["model"]["path"] == str(out / "sft" / "final")      # handed on between jobs
-    assert ppo_recipe["ppo"]["reward"]["path"] == str(out / "reward" / "final")
+    assert ppo_recipe["reward"]["path"] == str(out / "reward" / "final")
     assert all((out / s / "stage.json").exists() for s in jobs) and (out / "pipeline_report.md").exists()
     again = ftl(slurm, "pipeline", str(path), "--profile", "tiny", "--slurm", cwd=tmp_path)
     assert again.stdout.count("unchanged and complete: no job") == 3 and stage_jobs(out) == {}

@@ -1,12 +1,18 @@
-"""`ftl run | launch | plan | merge | pipeline | eval | compare | slurm`: the command line. Errors from bad input print one clear line, no traceback."""
+"""The `ftl` command line: `ftl run | launch | plan | merge | pipeline | eval | compare | slurm`.
+
+The parser, and one handler per command that imports what it needs when it runs. An FtlError (bad
+recipe, data or launch settings) prints one clear line and exits 2, with no traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 
 from ftl.errors import FtlError, LaunchError
+from ftl.process_exit import exit_cleanly
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,15 +124,15 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
 
 
+# -- handlers ------------------------------------------------------------------------------------
+# Their imports are local: `ftl --help` and bad-argument errors must not import torch (~7 s), and even
+# the recipe schema (pydantic, ~0.15 s) would make them several times slower.
+
 def cmd_run(args) -> int:
     from ftl.runner import run_recipe
 
-    import os
-
     result = run_recipe(args.recipe, args.profile, args.overrides, resume=args.resume)
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        from ftl.stages.session import exit_cleanly
-
         exit_cleanly(0)  # DeepSpeed ranks sporadically SIGABRT during interpreter teardown
     return 0 if result is not None else 1
 
@@ -235,7 +241,7 @@ def cmd_slurm_job_end(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ftl.evaluate.cli import evaluate_target
+    from ftl.evaluate.target import evaluate_target
 
     evaluate_target(args.target, data=args.data, fmt=args.format, split=args.split, out=args.out)
     return 0

@@ -15,6 +15,7 @@ from ftl import run_dir as layout
 from ftl.config import load_recipe
 from ftl.config.schema import CompareConfig
 from ftl.errors import FtlError, RecipeError
+from ftl.launch.command import build_launch_command, runnable
 from ftl.track.metrics import read_metrics
 
 REPORT, PLOT = "compare.md", "compare.png"
@@ -22,8 +23,6 @@ REPORT, PLOT = "compare.md", "compare.png"
 
 def run_compare(recipe_path: str, profile: Optional[str], overrides: list[str], only: Optional[list[str]] = None,
                 out: Optional[str] = None) -> Path:
-    from ftl.launch.command import build_launch_command, runnable
-
     recipe = load_recipe(recipe_path, profile, overrides)
     cfg = recipe.compare
     variants = {name: v for name, v in cfg.variants.items() if not only or name in only}

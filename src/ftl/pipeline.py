@@ -22,6 +22,7 @@ from ftl import run_dir as layout
 from ftl.config import load_recipe, resolved_dict
 from ftl.config.schema import Recipe
 from ftl.errors import FtlError, RecipeError
+from ftl.launch.command import build_launch_command, runnable
 
 STAGE_FILE = "stage.json"
 
@@ -62,7 +63,7 @@ def load_pipeline(path: Path) -> PipelineSpec:
 
 def model_output(stage_dir: Path, method_kind: str) -> Path:
     """Where a finished stage's usable model is: final/ (full models) or merged/ (adapters)."""
-    return stage_dir / (layout.FINAL_DIR if method_kind in ("full",) else "merged")
+    return stage_dir / (layout.FINAL_DIR if method_kind in ("full",) else layout.MERGED_DIR)
 
 
 def fingerprint(resolved: dict, inputs: dict[str, str]) -> str:
@@ -120,8 +121,6 @@ def plan_stages(path: Path, profile: Optional[str], force: bool = False) -> tupl
 
 
 def run_pipeline(path: str | Path, profile: Optional[str] = None, force: bool = False) -> dict:
-    from ftl.launch.command import build_launch_command, runnable
-
     path = Path(path)
     spec, plans = plan_stages(path, profile, force)
     root = pipeline_root(spec, profile)
@@ -154,7 +153,7 @@ def finish_stage(plan: StagePlan, log: Optional[Path] = None) -> int:
     """After a stage trained: merge its adapter when the next stage needs a whole model, then mark it
     complete (recipe + inputs fingerprint) so an unchanged rerun skips it."""
     code = 0
-    if plan.output.name == "merged":
+    if plan.output.name == layout.MERGED_DIR:
         code = run_logged(([sys.executable, "-m", "ftl", "merge", str(plan.stage_dir)], None), log, append=True)
     if code == 0 and plan.output.exists():
         (plan.stage_dir / STAGE_FILE).write_text(json.dumps({"fingerprint": plan.fingerprint,

@@ -1,21 +1,14 @@
-"""Run one recipe in this process: load it, pick its stage, run it in its run directory."""
+"""Run one recipe in this process: load it, look its stage up in the stage table, run it in its run directory."""
 
 from __future__ import annotations
 
 from ftl.config import load_recipe
+from ftl.config.stages import STAGES
 from ftl.run_dir import run_dir_for
-
-STAGES = {"sft": "ftl.stages.sft:run_sft", "reward": "ftl.stages.reward:run_reward",
-          "ppo": "ftl.stages.ppo:run_ppo", "dpo": "ftl.stages.dpo:run_dpo",
-          "grpo": "ftl.stages.grpo:run_grpo", "classify": "ftl.stages.classify:run_classify",
-          "upft": "ftl.stages.upft:run_upft"}
 
 
 def stage_function(stage: str):
-    import importlib
-
-    module, name = STAGES[stage].split(":")
-    return getattr(importlib.import_module(module), name)
+    return STAGES[stage].run_function()
 
 
 def run_recipe(path, profile=None, overrides=(), resume=False, run_dir=None) -> dict:

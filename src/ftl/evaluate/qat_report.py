@@ -1,7 +1,6 @@
-"""The end of a QAT run: convert to a really quantised model, save it, and compare with PTQ.
+"""The QAT report: measure a QAT model against a post-training-quantised plain one, and write it.
 
-`compare_qat(recipe, run_dir, ...)` runs after the stage has saved `final/` (the fp32 QAT weights).
-On the run's validation features it measures the eval loss of
+Measured on the run's validation features (eval loss), each row a model:
 
   qat_fake_quant  the model as it trained (fake-quantised forward)
   qat_converted   the same weights really quantised by torchao's convert step (what you deploy)
@@ -11,121 +10,64 @@ On the run's validation features it measures the eval loss of
 
 plus the stored bytes of the quantised linear weights against fp32, and the largest logit difference
 between converted and fake-quantised model (they should agree: convert applies the same rounding).
-
-The baseline: by default the same stage runs again in `<run>/ptq_baseline/` on the same recipe with
-method.qat disabled, starting from copies of this run's tokenizer and base weights: same data in the
-same order, same settings, its own report and checkpoints (so --resume continues it). The comparison
-is then like for like and needs nothing else, at twice the training time. `baseline_dir` (a plain
-fine-tuned model folder, e.g. another run's `final/`) reuses an existing plain fine-tune instead.
-
-Writes `qat.json` / `qat.md`, adds the qat_converted / plain_fp32 / plain_ptq columns to the run's
-`eval.json` / `eval.md`, and saves the quantised model in `<run>/quantized/` (a transformers folder).
+This module only measures; the sft stage's end (ftl.stages.sft_qat) provides the models, including
+training the plain baseline.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable
 
 import torch
 
+from ftl import run_dir as layout
+from ftl.evaluate.report import render_table, write_report
+from ftl.methods import qat as q
+
 ROWS = ("qat_fake_quant", "qat_converted", "qat_fp32", "plain_fp32", "plain_ptq")
-QUANTIZED_DIR = "quantized"
-BASELINE_DIR = "ptq_baseline"
 LOGIT_TOLERANCE = 1e-4  # converted vs fake-quantised logits (measured: 0.0 on CPU fp32)
 
-
-def validation_features(recipe, tokenizer) -> list[dict]:
-    """The validation features the sft stage evaluates on (same split, same cap, same encoding)."""
-    from ftl.data import load_splits
-    from ftl.data.tokenize import encode_records
-
-    splits, _ = load_splits(recipe.data)
-    return encode_records(tokenizer, splits.validation[: recipe.eval.max_examples], recipe.data)
+Loss = Callable[[torch.nn.Module], dict]
 
 
-def compare_qat(recipe, run_dir: Path, accelerator=None, resume: bool = False, baseline_dir: Optional[Path] = None,
-                validation: Optional[list[dict]] = None) -> dict:
-    """Run on every rank (evaluation is sharded); the main process writes the files.
-
-    Returns {"interrupted", "summary", "rows"}; interrupted (a stop signal while the baseline trained)
-    means `quantized/` is saved but the comparison is not: rerun with --resume to finish it."""
-    from ftl import run_dir as layout
-    from ftl.data.packing import collate
-    from ftl.evaluate.lm import lm_loss
-    from ftl.evaluate.report import render_table, write_report
-    from ftl.methods import qat as q
-    from ftl.models.load import load_tokenizer
-    from ftl.train.distributed import is_sharded, make_accelerator
-
-    run_dir = Path(run_dir)
-    options = recipe.method.qat
-    acc = accelerator or make_accelerator(recipe.train, recipe.launch)
-    if is_sharded(acc):
-        raise NotImplementedError("method.qat: the QAT/PTQ comparison needs whole models on each rank "
-                                  "(not ZeRO-3 sharded ones)")
-    main = acc.is_main_process
-    tokenizer = load_tokenizer(recipe.model, saved=run_dir / layout.TOKENIZER_DIR)
-    if validation is None:
-        validation = validation_features(recipe, tokenizer)
-    if not validation:
-        raise ValueError("method.qat: the comparison needs validation data (data.split.validation > 0)")
-    pad = tokenizer.pad_token_id
-
-    def loss(model) -> dict:
-        return lm_loss(model, validation, pad, recipe.eval.batch_size, acc)
-
-    probe = {k: v.to(acc.device) for k, v in collate(validation[: recipe.eval.batch_size], pad).items()}
-    rows: dict[str, dict] = {}
-
-    # -- the QAT model, from the saved fp32 weights ------------------------------------------
-    final = run_dir / layout.FINAL_DIR
-    model = load_trained(recipe, final).to(acc.device)
-    rows["qat_fp32"] = {**loss(model), **q.weight_bytes(model)}
-    q.prepare(model, recipe.method)
+def measure_qat_model(model, method, loss: Loss, probe: dict) -> dict:
+    """Rows qat_fp32, qat_fake_quant, qat_converted of the trained fp32 weights in `model`
+    (prepared and then converted in place)."""
+    rows = {"qat_fp32": {**loss(model), **q.weight_bytes(model)}}
+    q.prepare(model, method)
     rows["qat_fake_quant"] = {**loss(model), **q.weight_bytes(model)}
     fake_logits = _logits(model, probe)
-    q.convert(model, options)
+    q.convert(model, method.qat)
     diff = (_logits(model, probe) - fake_logits).abs().max().item()
     rows["qat_converted"] = {**loss(model), **q.weight_bytes(model), "max_abs_logit_diff_vs_fake_quant": diff}
-    del model, fake_logits
-    if main:  # the deliverable first: a baseline interrupted below must not cost it
-        q.save_quantized(final, run_dir / QUANTIZED_DIR, options, tokenizer, getattr(torch, recipe.model.dtype))
-    acc.wait_for_everyone()
+    return rows
 
-    # -- the plain baseline, then its PTQ ----------------------------------------------------
-    plain, baseline = _plain_model(recipe, run_dir, acc, resume, baseline_dir)
-    if plain is None:
-        return {"interrupted": True, "summary": None, "rows": rows}
-    rows["plain_fp32"] = {**loss(plain), **q.weight_bytes(plain)}
+
+def measure_plain_model(plain, options, loss: Loss) -> dict:
+    """Rows plain_fp32 and plain_ptq (quantised in place)."""
+    rows = {"plain_fp32": {**loss(plain), **q.weight_bytes(plain)}}
     q.ptq(plain, options)
     rows["plain_ptq"] = {**loss(plain), **q.weight_bytes(plain)}
-    del plain
+    return rows
 
+
+def write_qat_report(run_dir: Path, rows: dict, options, baseline: str) -> dict:
+    """qat.json / qat.md, and the qat_converted / plain_fp32 / plain_ptq columns added to eval.json / eval.md."""
     rows = {name: rows[name] for name in ROWS}
     summary = _summary(rows, options, baseline)
-    if main:
-        summary["quantized_dir"] = str(run_dir / QUANTIZED_DIR)
-        summary.update(_folder_bytes(final, run_dir / QUANTIZED_DIR))
-        report = {"summary": summary, "rows": rows}
-        (run_dir / "qat.json").write_text(json.dumps(report, indent=1))
-        (run_dir / "qat.md").write_text(_markdown(summary, rows, render_table))
-        eval_json = run_dir / layout.EVAL_FILE
-        results = json.loads(eval_json.read_text()) if eval_json.exists() else {}
-        results.update({k: rows[k] for k in ("qat_converted", "plain_fp32", "plain_ptq")})
-        write_report(run_dir, results)
-        print((run_dir / "qat.md").read_text(), flush=True)
-    acc.wait_for_everyone()
-    return {"interrupted": False, "summary": summary, "rows": rows}
-
-
-def load_trained(recipe, folder: Path):
-    """A fine-tuned causal LM from its folder, in the recipe's dtype (its weights, even for model.init scratch)."""
-    from ftl.models.load import load_model
-
-    return load_model(recipe.model.model_copy(update={"init": "pretrained", "gradient_checkpointing": False}), folder)
+    summary["quantized_dir"] = str(run_dir / layout.QUANTIZED_DIR)
+    summary.update(_folder_bytes(run_dir / layout.FINAL_DIR, run_dir / layout.QUANTIZED_DIR))
+    (run_dir / f"{layout.QAT_REPORT}.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+    markdown = run_dir / f"{layout.QAT_REPORT}.md"
+    markdown.write_text(_markdown(summary, rows))
+    eval_json = run_dir / layout.EVAL_FILE
+    results = json.loads(eval_json.read_text()) if eval_json.exists() else {}
+    results.update({k: rows[k] for k in ("qat_converted", "plain_fp32", "plain_ptq")})
+    write_report(run_dir, results)
+    print(markdown.read_text(), flush=True)
+    return summary
 
 
 @torch.no_grad()
@@ -135,38 +77,6 @@ def _logits(model, batch: dict) -> torch.Tensor:
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits.float()
     model.train(was)
     return out
-
-
-def _plain_model(recipe, run_dir: Path, acc, resume: bool, baseline_dir: Optional[Path]):
-    """(plain fine-tuned fp32 model, where it came from); (None, ...) if its training was interrupted.
-
-    The in-run baseline is the stage itself run again on the same recipe with method.qat disabled, in
-    `<run>/ptq_baseline/`, starting from copies of this run's tokenizer and base weights: same data, same
-    order, same settings, its own report, and --resume continues it like any run."""
-    from ftl import run_dir as layout
-    from ftl.runner import stage_function
-
-    if baseline_dir is not None:
-        return load_trained(recipe, Path(baseline_dir)).to(acc.device), str(baseline_dir)
-    out = run_dir / BASELINE_DIR
-    done = resume and (out / layout.FINAL_DIR / "config.json").exists() and (out / layout.EVAL_FILE).exists()
-    if not done:
-        if acc.is_main_process:
-            if not resume:
-                shutil.rmtree(out, ignore_errors=True)
-            out.mkdir(parents=True, exist_ok=True)
-            for name in (layout.TOKENIZER_DIR, "base"):  # identical starting point (tiny model: built per run)
-                if (run_dir / name).exists() and not (out / name).exists():
-                    shutil.copytree(run_dir / name, out / name)
-        acc.wait_for_everyone()
-        method = recipe.method.model_copy(update={"qat": recipe.method.qat.model_copy(update={"enabled": False})})
-        plain = recipe.model_copy(update={"method": method})
-        acc.print(f"ftl: method.qat: fine-tuning a plain copy of the recipe (no QAT) in {out} "
-                  "for the post-training-quantisation baseline", flush=True)
-        result = stage_function(recipe.stage)(plain, out, resume=resume)
-        if result.get("interrupted"):
-            return None, str(out)
-    return load_trained(recipe, out / layout.FINAL_DIR).to(acc.device), f"trained in this run ({out})"
 
 
 def _summary(rows: dict, options, baseline: str) -> dict:
@@ -192,7 +102,7 @@ def _folder_bytes(fp32_dir: Path, quantized_dir: Path) -> dict:
     return {"final_safetensors_bytes": size(fp32_dir), "quantized_safetensors_bytes": size(quantized_dir)}
 
 
-def _markdown(summary: dict, rows: dict, render_table) -> str:
+def _markdown(summary: dict, rows: dict) -> str:
     s = summary
     better = "better" if s["qat_minus_ptq_loss"] < 0 else "worse"
     lines = [

@@ -1,4 +1,6 @@
-"""Build the accelerate / torchrun / python command for a recipe's launch settings."""
+"""Build the command that starts `ftl run` for a recipe's launch settings: one function per launcher
+(python, accelerate, torchrun, deepspeed) in LAUNCHERS, each given this node's role on multi-node jobs;
+`runnable` turns a command into the argv and environment to execute from this interpreter."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from ftl.config.schema import Recipe
 from ftl.errors import LaunchError
@@ -55,28 +57,60 @@ def build_launch_command(recipe: Recipe, recipe_path: str, overrides: list[str] 
     if launch.device == "cpu":
         # 2 ranks x 2 threads on 2 cores ran 12x slower than 1 thread each
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launch.num_processes)))
-    if launch.launcher == "python":
-        if launch.num_processes * launch.num_machines != 1:
-            raise LaunchError("launch.launcher 'python' runs one process; use accelerate or torchrun for more")
-        return LaunchCommand([python] + run_args, env)
-    if launch.launcher == "accelerate":
-        return LaunchCommand(accelerate_argv(recipe, node) + run_args, env)
-    if launch.launcher == "torchrun":
-        argv = ["torchrun", f"--nproc_per_node={launch.num_processes}", f"--nnodes={launch.num_machines}"]
-        if node:
-            argv += [f"--node_rank={node.machine_rank}", "--rdzv_backend=c10d",
-                     f"--rdzv_endpoint={node.main_ip}:{launch.main_process_port}", f"--rdzv_conf={node.rdzv_conf()}"]
-        else:
-            argv.append(f"--master_port={launch.main_process_port}")
-        return LaunchCommand(argv + run_args, env)
-    if launch.launcher == "deepspeed":
-        if node:
-            raise LaunchError("launch.launcher 'deepspeed' starts remote nodes itself (pdsh/ssh); under Slurm, "
-                              "where srun starts one task per node, use launcher accelerate or torchrun")  # --no_local_rank: ftl reads LOCAL_RANK from the environment
-        return LaunchCommand(["deepspeed", f"--num_gpus={launch.num_processes}", f"--num_nodes={launch.num_machines}",
-                              f"--master_port={launch.main_process_port}", "--no_local_rank", "--module"]
-                             + run_args[1:], env)
-    raise LaunchError(f"launch.launcher '{launch.launcher}' is not supported")
+    command = LAUNCHERS.get(launch.launcher)
+    if command is None:
+        raise LaunchError(f"launch.launcher '{launch.launcher}' is not supported")
+    return command(recipe, run_args, env, node, python)
+
+
+# A launcher: (recipe, the `-m ftl run ...` arguments, environment, this node's role on a multi-node job
+# or None, the interpreter the python launcher starts) -> the command.
+Launcher = Callable[[Recipe, list[str], dict[str, str], Optional[NodeRole], str], LaunchCommand]
+
+
+def python_command(recipe: Recipe, run_args: list[str], env: dict[str, str], node: Optional[NodeRole],
+                   python: str) -> LaunchCommand:
+    if recipe.launch.num_processes * recipe.launch.num_machines != 1:
+        raise LaunchError("launch.launcher 'python' runs one process; use accelerate or torchrun for more")
+    return LaunchCommand([python] + run_args, env)
+
+
+def accelerate_command(recipe: Recipe, run_args: list[str], env: dict[str, str], node: Optional[NodeRole],
+                       python: str) -> LaunchCommand:
+    return LaunchCommand(accelerate_argv(recipe, node) + run_args, env)
+
+
+def torchrun_command(recipe: Recipe, run_args: list[str], env: dict[str, str], node: Optional[NodeRole],
+                     python: str) -> LaunchCommand:
+    launch = recipe.launch
+    argv = ["torchrun", f"--nproc_per_node={launch.num_processes}", f"--nnodes={launch.num_machines}"]
+    if node:
+        argv += [f"--node_rank={node.machine_rank}", "--rdzv_backend=c10d",
+                 f"--rdzv_endpoint={node.main_ip}:{launch.main_process_port}", f"--rdzv_conf={node.rdzv_conf()}"]
+    else:
+        argv.append(f"--master_port={launch.main_process_port}")
+    return LaunchCommand(argv + run_args, env)
+
+
+def deepspeed_command(recipe: Recipe, run_args: list[str], env: dict[str, str], node: Optional[NodeRole],
+                      python: str) -> LaunchCommand:
+    launch = recipe.launch
+    if node:
+        raise LaunchError("launch.launcher 'deepspeed' starts remote nodes itself (pdsh/ssh); under Slurm, "
+                          "where srun starts one task per node, use launcher accelerate or torchrun")
+    # --no_local_rank: ftl reads LOCAL_RANK from the environment
+    return LaunchCommand(["deepspeed", f"--num_gpus={launch.num_processes}", f"--num_nodes={launch.num_machines}",
+                          f"--master_port={launch.main_process_port}", "--no_local_rank", "--module"]
+                         + run_args[1:], env)
+
+
+# one entry per LaunchConfig.launcher value (a test ties the two)
+LAUNCHERS: dict[str, Launcher] = {
+    "python": python_command,
+    "accelerate": accelerate_command,
+    "torchrun": torchrun_command,
+    "deepspeed": deepspeed_command,
+}
 
 
 def accelerate_argv(recipe: Recipe, node: Optional[NodeRole] = None) -> list[str]:

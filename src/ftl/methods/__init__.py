@@ -1,33 +1,58 @@
 """Training methods: each module turns a loaded model into what trains (one job each).
 
-`apply_method(model, cfg)` returns the model to train; `trainable_summary` counts what it updates;
-`save_trained` / `load_trained` write and read what a method produced (an adapter alone when the
-base stays frozen).
+`METHODS` is the one table of methods: what applies each, and everything the other layers ask of a
+method (quantised base, packing, merge, memory planning, PPO's reference). A method missing a column
+fails at import (every field is required). `apply_method(model, cfg)` returns the model to train;
+`trainable_summary` counts what it updates; `save_trained` / `load_trained` write and read what a
+method produced (an adapter alone when the base stays frozen).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Literal, Optional
 
 import torch
 
 from ftl.config.schema import MethodConfig
-from ftl.methods import bottleneck, full, lora, prompt_learning
+from ftl.methods import bottleneck, full, lora, prompt_learning, qat
 
-METHODS = {"full": full, "lora": lora, "dora": lora, "qlora": lora, "lora8bit": lora,
-           "prefix": prompt_learning, "prompt": prompt_learning, "ptuning": prompt_learning,
-           "ia3": prompt_learning, "llama_adapter": prompt_learning, "adapter": bottleneck}
-QUANT_BITS = {"qlora": 4, "lora8bit": 8}
-# virtual tokens / prefixes sit at the start of a row: a packed row would share them across examples
-PACKING_INCOMPATIBLE = {"prefix", "prompt", "ptuning", "llama_adapter"}
-MERGEABLE = {"lora", "dora", "qlora", "lora8bit", "ia3"}
+
+@dataclass(frozen=True)
+class MethodInfo:
+    apply: Callable                  # (model, MethodConfig, gradient_checkpointing, task_type) -> model to train
+    quant_bits: Optional[int]        # the frozen base loads quantised by bitsandbytes (4, 8) or not (None)
+    packs: bool                      # False: virtual tokens at the start of each row forbid packed rows
+    mergeable: bool                  # `ftl merge` can fold what it trains into the base
+    plan_family: Literal["full", "lora", "qlora"]  # memory model `ftl plan` uses
+    disabled_adapter_reference: bool  # PPO's reference is this model with its adapter off (no second copy)
+
+
+# prefix/prompt/p-tuning/LLaMA-Adapter put learned tokens at the start of a row: a packed row would share
+# them across examples. IA3 merges but scales activations (disable_adapter is not its reference in PPO).
+METHODS: dict[str, MethodInfo] = {
+    "full": MethodInfo(full.apply, None, True, False, "full", False),
+    "lora": MethodInfo(lora.apply, None, True, True, "lora", True),
+    "dora": MethodInfo(lora.apply, None, True, True, "lora", True),
+    "qlora": MethodInfo(lora.apply, 4, True, True, "qlora", True),
+    "lora8bit": MethodInfo(lora.apply, 8, True, True, "lora", True),
+    "prefix": MethodInfo(prompt_learning.apply, None, False, False, "lora", False),
+    "prompt": MethodInfo(prompt_learning.apply, None, False, False, "lora", False),
+    "ptuning": MethodInfo(prompt_learning.apply, None, False, False, "lora", False),
+    "ia3": MethodInfo(prompt_learning.apply, None, True, True, "lora", False),
+    "llama_adapter": MethodInfo(prompt_learning.apply, None, False, False, "lora", False),
+    "adapter": MethodInfo(bottleneck.apply, None, True, False, "lora", False),
+}
+
+
+def method_info(kind: str) -> MethodInfo:
+    return METHODS[kind]
 
 
 def apply_method(model, cfg: MethodConfig, gradient_checkpointing: bool = False, task_type: str = "CAUSAL_LM"):
     model = METHODS[cfg.kind].apply(model, cfg, gradient_checkpointing=gradient_checkpointing, task_type=task_type)
     if cfg.qat.enabled:  # fake-quantised linear layers while training (torchao); see methods/qat.py
-        from ftl.methods import qat
-
         model = qat.prepare(model, cfg)
     return model
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ftl.config.schema import AdapterOptions
+
 ADAPTER_FILE = "bottleneck_adapter.safetensors"
 CONFIG_FILE = "bottleneck_adapter.json"
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -88,8 +90,6 @@ def save_adapter(model, state_dict: dict, target: Path, options) -> None:
 
 def load_adapter(model, source: Path):
     from safetensors.torch import load_file
-
-    from ftl.config.schema import AdapterOptions
 
     options = AdapterOptions.model_validate(json.loads((source / CONFIG_FILE).read_text()))
     insert_adapters(model, options)

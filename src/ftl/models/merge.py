@@ -15,7 +15,8 @@ from typing import Optional
 from ftl import run_dir as layout
 from ftl.config import load_recipe
 from ftl.errors import FtlError
-from ftl.methods import MERGEABLE, QUANT_BITS
+from ftl.methods import METHODS
+from ftl.models.load import base_model_dir, load_model
 
 
 def merge_run(run_dir: Path, out: Optional[Path] = None, dtype: Optional[str] = None) -> Path:
@@ -23,17 +24,16 @@ def merge_run(run_dir: Path, out: Optional[Path] = None, dtype: Optional[str] = 
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from ftl.models.load import base_model_dir, load_model
-
     run_dir = Path(run_dir)
     recipe = load_recipe(run_dir / layout.RECIPE_FILE)
     kind = recipe.method.kind
-    if kind not in MERGEABLE:
-        raise FtlError(f"{run_dir}: method '{kind}' has nothing to merge (mergeable: {sorted(MERGEABLE)}); "
+    if not METHODS[kind].mergeable:
+        mergeable = sorted(k for k, info in METHODS.items() if info.mergeable)
+        raise FtlError(f"{run_dir}: method '{kind}' has nothing to merge (mergeable: {mergeable}); "
                        f"the model in {run_dir / layout.FINAL_DIR} is already what to load")
     final = run_dir / layout.FINAL_DIR
     tokenizer = AutoTokenizer.from_pretrained(final)
-    bits = QUANT_BITS.get(kind)
+    bits = METHODS[kind].quant_bits
     head = "sequence_classification" if recipe.stage == "reward" else "causal_lm"
     base = load_model(recipe.model, base_model_dir(recipe.model, tokenizer, recipe.train.seed, run_dir),
                       bits, recipe.method.quant, head=head)
@@ -43,8 +43,8 @@ def merge_run(run_dir: Path, out: Optional[Path] = None, dtype: Optional[str] = 
     base = base.to(target_dtype)
     merged = PeftModel.from_pretrained(base, final).merge_and_unload()
     merged.config.use_cache = True
-    target = Path(out) if out else run_dir / "merged"
-    partial = target.with_name(target.name + ".partial")
+    target = Path(out) if out else run_dir / layout.MERGED_DIR
+    partial = layout.partial(target)
     shutil.rmtree(partial, ignore_errors=True)
     merged.save_pretrained(partial)
     tokenizer.save_pretrained(partial)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ftl.data.corpora import package_dir
+from ftl.packages import package_dir
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -7,6 +7,8 @@ from pathlib import Path
 from ftl import run_dir as layout
 from ftl.config import load_recipe
 from ftl.errors import FtlError
+from ftl.methods import METHODS, load_trained
+from ftl.models.load import base_model_dir, load_model
 
 
 def load_trained_causal_lm(run_dir: Path):
@@ -28,13 +30,10 @@ def load_trained_model(recipe, run_dir: Path, tokenizer, quantised_base: bool = 
     with the adapter loaded on top."""
     from transformers import AutoModelForCausalLM
 
-    from ftl.methods import QUANT_BITS, load_trained
-    from ftl.models.load import base_model_dir, load_model
-
     final = run_dir / layout.FINAL_DIR
     if recipe.method.kind == "full":
         return AutoModelForCausalLM.from_pretrained(final)
-    bits = QUANT_BITS.get(recipe.method.kind) if quantised_base else None
+    bits = METHODS[recipe.method.kind].quant_bits if quantised_base else None
     base = load_model(recipe.model, base_model_dir(recipe.model, tokenizer, recipe.train.seed, run_dir),
-                          bits, recipe.method.quant)
+                      bits, recipe.method.quant)
     return load_trained(base, final, recipe.method)

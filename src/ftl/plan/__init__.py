@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Optional
 
 from ftl.config.schema import Recipe
+from ftl.methods import METHODS
+from ftl.models.load import pretrained_dir
 from ftl.plan.memory import Estimate, ModelShape, Setup, estimate
 
 GB = 1024**3
-METHOD_FAMILY = {"full": "full", "lora": "lora", "qlora": "qlora"}
 
 
 def model_config(recipe: Recipe):
@@ -27,8 +28,6 @@ def model_config(recipe: Recipe):
                            num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
                            num_key_value_heads=t.num_key_value_heads, vocab_size=t.vocab_size,
                            tie_word_embeddings=False)
-    from ftl.models.load import pretrained_dir
-
     return AutoConfig.from_pretrained(pretrained_dir(m))
 
 
@@ -55,7 +54,7 @@ def recipe_setup(recipe: Recipe) -> Setup:
     zero, deepspeed = {}, bool(recipe.launch.deepspeed)
     if deepspeed and Path(recipe.launch.deepspeed).is_file():
         zero = json.loads(Path(recipe.launch.deepspeed).read_text()).get("zero_optimization", {})
-    return Setup(method=METHOD_FAMILY.get(recipe.method.kind, "lora"), stage=int(zero.get("stage", 0)),
+    return Setup(method=METHODS[recipe.method.kind].plan_family, zero_stage=int(zero.get("stage", 0)),
                  devices=recipe.launch.num_processes * recipe.launch.num_machines, deepspeed=deepspeed,
                  precision=recipe.train.precision, model_dtype=recipe.model.dtype, optimizer=recipe.train.optimizer,
                  offload_optimizer=(zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme"),
@@ -91,11 +90,11 @@ def make_plan(recipe: Recipe, commands: list[str] = ()) -> Plan:
     shape, setup = model_shape(recipe), recipe_setup(recipe)
     matrix = []
     for method in ("full", "lora", "qlora"):
-        for stage in (0, 1, 2, 3):
+        for zero_stage in (0, 1, 2, 3):
             for offload_opt, offload_par in ((False, False), (True, False), (True, True)):
-                if (offload_opt and stage == 0) or (offload_par and stage != 3):
+                if (offload_opt and zero_stage == 0) or (offload_par and zero_stage != 3):
                     continue
-                s = replace(setup, method=method, stage=stage, deepspeed=setup.deepspeed or stage > 0,
+                s = replace(setup, method=method, zero_stage=zero_stage, deepspeed=setup.deepspeed or zero_stage > 0,
                             offload_optimizer=offload_opt, offload_params=offload_par)
                 matrix.append((s, estimate(shape, s)))
     return Plan(recipe, shape, setup, estimate(shape, setup), device_memory_bytes(recipe), list(commands), matrix)
@@ -107,7 +106,7 @@ def render_plan(plan: Plan) -> str:
     lines = [f"ftl plan: {r.name} (profile {r.profile or 'base'}): {plan.shape.total / 1e6:,.1f}M parameters, "
              f"{s.devices} device(s) ({r.launch.num_machines} x {r.launch.num_processes} {r.launch.device}), "
              f"method {r.method.kind}, {s.precision}, {s.optimizer}, "
-             + (f"DeepSpeed ZeRO-{s.stage}" if s.deepspeed else "no ZeRO (replicated)")
+             + (f"DeepSpeed ZeRO-{s.zero_stage}" if s.deepspeed else "no ZeRO (replicated)")
              + (" + optimizer offload" if s.offload_optimizer else "") + (" + param offload" if s.offload_params else "")]
     for command in plan.commands:
         lines.append(f"launch: {command}")
@@ -124,8 +123,8 @@ def render_plan(plan: Plan) -> str:
               "|---|---|---|---|---|"]
     for setup, est in plan.matrix:
         offload = "opt+params" if setup.offload_params else ("optimizer" if setup.offload_optimizer else "-")
-        mark = " *" if (setup.method, setup.stage, setup.offload_optimizer, setup.offload_params) == \
-            (s.method, s.stage, s.offload_optimizer, s.offload_params) else ""
-        lines.append(f"| {setup.method}{mark} | {setup.stage} | {offload} | {gb(est.device_total)} | {gb(est.host)} |")
+        mark = " *" if (setup.method, setup.zero_stage, setup.offload_optimizer, setup.offload_params) == \
+            (s.method, s.zero_stage, s.offload_optimizer, s.offload_params) else ""
+        lines.append(f"| {setup.method}{mark} | {setup.zero_stage} | {offload} | {gb(est.device_total)} | {gb(est.host)} |")
     lines.append("(* = this recipe; model states + ZeRO buffers only, activations not included)")
     return "\n".join(lines)

@@ -26,7 +26,7 @@ class ModelShape:
 @dataclass(frozen=True)
 class Setup:
     method: str              # full | lora | qlora
-    stage: int               # 0 (plain DDP) .. 3
+    zero_stage: int          # ZeRO stage: 0 (plain DDP) .. 3
     devices: int
     deepspeed: bool
     precision: str           # fp32 | bf16 | fp16
@@ -61,7 +61,7 @@ class Estimate:
 def estimate(shape: ModelShape, s: Setup) -> Estimate:
     if s.method not in ("full", "lora", "qlora"):
         raise ValueError(f"unknown method {s.method!r}")
-    if s.offload_params and s.stage != 3:
+    if s.offload_params and s.zero_stage != 3:
         raise ValueError("parameter offload needs ZeRO stage 3")
     half = s.precision in ("bf16", "fp16")
     # DeepSpeed trains in 16-bit weights with fp32 masters; without it autocast keeps the loaded dtype.
@@ -76,17 +76,17 @@ def estimate(shape: ModelShape, s: Setup) -> Estimate:
 
     d = s.devices
     e = Estimate()
-    e.params = (frozen_bytes + trainable * param_bytes) / (d if s.stage >= 3 else 1)
-    e.grads = trainable * param_bytes / (d if s.stage >= 2 else 1)
+    e.params = (frozen_bytes + trainable * param_bytes) / (d if s.zero_stage >= 3 else 1)
+    e.grads = trainable * param_bytes / (d if s.zero_stage >= 2 else 1)
     master = 4 * trainable if s.deepspeed else 0
     state_bytes = 4 if (s.deepspeed or param_bytes == 4) else param_bytes
     optim = trainable * {"adamw": 2 * state_bytes, "paged_adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2,
                          "sgd": 0}[s.optimizer]
-    shard = d if s.stage >= 1 else 1
+    shard = d if s.zero_stage >= 1 else 1
     e.master, e.optimizer = master / shard, optim / shard
-    if s.deepspeed and half and s.stage >= 1:
+    if s.deepspeed and half and s.zero_stage >= 1:
         e.fp32_grad_copy = 4 * trainable / shard
-    if s.stage == 3:
+    if s.zero_stage == 3:
         e.gather_buffer = 4 * shape.largest_layer
     if s.offload_optimizer:  # ZeRO-Offload keeps gradient partitions in (pinned) host memory too
         e.host += e.grads + e.master + e.optimizer + e.fp32_grad_copy
@@ -97,13 +97,13 @@ def estimate(shape: ModelShape, s: Setup) -> Estimate:
     return e
 
 
-def zero_paper_bytes(total_params: int, devices: int, stage: int) -> float:
+def zero_paper_bytes(total_params: int, devices: int, zero_stage: int) -> float:
     """The ZeRO paper's per-device model states for mixed-precision Adam (K = 12)."""
     p, g, k = 2.0, 2.0, 12.0
-    if stage >= 1:
+    if zero_stage >= 1:
         k /= devices
-    if stage >= 2:
+    if zero_stage >= 2:
         g /= devices
-    if stage >= 3:
+    if zero_stage >= 3:
         p /= devices
     return (p + g + k) * total_params

@@ -13,6 +13,7 @@ from typing import Optional
 from ftl import run_dir as layout
 from ftl.config import load_recipe
 from ftl.errors import FtlError
+from ftl.pipeline import complete_stage
 from ftl.slurm import jobs
 
 MAX_REQUEUES = 20  # a run that keeps stopping without finishing is a bug, not a preemption
@@ -38,8 +39,6 @@ def job_end(code: int, recipe_path: str, profile: Optional[str], overrides: list
         jobs.requeue(job_id)
         return 0
     if stage:
-        from ftl.pipeline import complete_stage
-
         if code != 0:
             print(f"ftl pipeline: stage '{stage}' failed (exit {code}); Slurm cancels the stages after it. "
                   f"Log: this file", flush=True)

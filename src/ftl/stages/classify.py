@@ -13,16 +13,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ftl import run_dir as layout
 from ftl.config.schema import Recipe
 from ftl.errors import DataError, RecipeError
 from ftl.evaluate.classification import classification_metrics
 from ftl.evaluate.sharded import sum_over_ranks
-from ftl.methods import QUANT_BITS
-from ftl.models.load import load_model
 from ftl.stages.session import RunSession
-from ftl.train.loop import fit
-
-LABELS_FILE = "labels.json"
 
 
 def label_names(recipe: Recipe, records: list[dict]) -> list[str]:
@@ -108,41 +104,38 @@ def freeze_all_but_head(model, recipe: Recipe) -> None:
 
 def run_classify(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     session = RunSession(recipe, run_dir, resume)
-    acc = session.accelerator
-    splits = session.load_data()
+    splits, tokenizer = session.open()
     names = label_names(recipe, splits.train + splits.validation + splits.test)
-    tokenizer = session.tokenizer(splits.train)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    limit = recipe.eval.max_examples
-    train = encode_texts(tokenizer, splits.train, names, recipe.data.max_length)
-    validation = encode_texts(tokenizer, splits.validation[:limit], names, recipe.data.max_length)
-    test = encode_texts(tokenizer, splits.test[:limit], names, recipe.data.max_length)
-    session.note_data(examples=len(train), rows=len(train), packed=False, labels=names)
+    train, validation, test = (encode_texts(tokenizer, records, names, recipe.data.max_length) for records in
+                               (splits.train, session.validation_records(splits),
+                                splits.test[: recipe.eval.max_examples]))
+    rows = session.training_rows(train, packable=False)
+    session.note_data(labels=names)
     if session.main:
-        (run_dir / LABELS_FILE).write_text(json.dumps(names, ensure_ascii=False))
-
-    base = load_model(recipe.model, session.base_dir(tokenizer), QUANT_BITS.get(recipe.method.kind),
-                      recipe.method.quant, head="sequence_classification", num_labels=len(names))
-    base.config.pad_token_id = tokenizer.pad_token_id
-    base.config.id2label = dict(enumerate(names))
-    base.config.label2id = {n: i for i, n in enumerate(names)}
-    if recipe.classify.train_head_only:
-        freeze_all_but_head(base, recipe)
-    model = session.apply_method(base, task_type="SEQ_CLS")
+        (run_dir / layout.LABELS_FILE).write_text(json.dumps(names, ensure_ascii=False))
+    model = prepare_classifier(session, tokenizer, names)
     pad = tokenizer.pad_token_id
 
     def evaluate(m, features=validation) -> dict:
-        return classify_metrics(m, features, names, pad, recipe.eval.batch_size, acc) if features else {}
+        return classify_metrics(m, features, names, pad, recipe.eval.batch_size, session.accelerator) \
+            if features else {}
 
     def evaluate_at_end() -> dict:
-        metrics = evaluate(model)
-        if test:
-            metrics["test"] = evaluate(model, test)
-        return metrics
+        return {**evaluate(model), **({"test": evaluate(model, test)} if test else {})}
 
-    model, result = fit(accelerator=acc, model=model, cfg=recipe.train, features=train,
-                        collate=lambda rows: collate_texts(rows, pad), loss_fn=cross_entropy, run_dir=run_dir,
-                        log=session.log, resume=resume, before_training=session.evaluation_before(evaluate),
-                        evaluate=evaluate, eval_every=recipe.eval.every, save_model=session.model_saver(tokenizer))
+    model, result = session.fit(model, tokenizer, rows, lambda batch: collate_texts(batch, pad), cross_entropy,
+                                evaluate)
     return session.finish(model, tokenizer, result, evaluate_at_end)
+
+
+def prepare_classifier(session: RunSession, tokenizer, names: list[str]):
+    """The base with a new len(names)-way head named by the labels, frozen but for the head when asked,
+    then the method applied."""
+    base = session.load_base(tokenizer, head="sequence_classification", num_labels=len(names))
+    base.config.id2label = dict(enumerate(names))
+    base.config.label2id = {n: i for i, n in enumerate(names)}
+    if session.recipe.classify.train_head_only:
+        freeze_all_but_head(base, session.recipe)
+    return session.apply_method(base, task_type="SEQ_CLS")

@@ -1,7 +1,7 @@
 """DPO through TRL's DPOTrainer, on ftl's data and evaluation layers.
 
 The run directory, manifest, metrics.jsonl, final save and report are the same as every stage's.
-With a `ppo.reward` section, the end of the run also compares the policy with its reference on
+With a `reward:` section, the end of the run also compares the policy with its reference on
 held-out prompts exactly as PPO does (mean reward, win rate, KL, samples), so DPO and PPO line up in
 one pipeline report.
 """
@@ -12,11 +12,10 @@ from pathlib import Path
 
 from ftl.config.schema import Recipe
 from ftl.data.tokenize import generation_prompt
-from ftl.methods import QUANT_BITS
-from ftl.models.load import load_model
+from ftl.rl.compare import compare_with_initial
+from ftl.rl.reward import load_reward
 from ftl.stages.session import RunSession
-from ftl.stages.trl_common import (compare_with_reference, last_trl_checkpoint, metrics_callback, reward_function,
-                                   trainer_arguments)
+from ftl.stages.trl_common import last_trl_checkpoint, metrics_callback, trainer_arguments
 from ftl.train.loop import FitResult
 
 
@@ -32,13 +31,11 @@ def run_dpo(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     session = RunSession(recipe, run_dir, resume)
-    splits = session.load_data()
-    tokenizer = session.tokenizer(splits.train)
-    policy = session.apply_method(load_model(recipe.model, session.base_dir(tokenizer),
-                                             QUANT_BITS.get(recipe.method.kind), recipe.method.quant))
+    splits, tokenizer = session.open()
+    policy = session.prepare_model(tokenizer)
     args = DPOConfig(beta=recipe.dpo.beta, loss_type=[recipe.dpo.loss_type], max_length=recipe.data.max_length,
                      **trainer_arguments(recipe, run_dir, session.main))
-    validation = splits.validation[: recipe.eval.max_examples]
+    validation = session.validation_records(splits)
     trainer = DPOTrainer(model=policy, args=args, processing_class=tokenizer,
                          train_dataset=Dataset.from_list(trl_pairs(tokenizer, splits.train, recipe.data.system_prompt)),
                          eval_dataset=Dataset.from_list(trl_pairs(tokenizer, validation, recipe.data.system_prompt))
@@ -49,9 +46,10 @@ def run_dpo(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
         metrics = {k.removeprefix("eval_"): v for k, v in trainer.evaluate().items()
                    if isinstance(v, (int, float)) and "runtime" not in k and "per_second" not in k} \
             if validation else {}
-        if recipe.ppo is not None:
-            reward = reward_function(recipe, session.accelerator.device)
-            metrics.update(compare_with_reference(session, trainer.model, tokenizer, recipe, validation, reward))
+        if recipe.reward is not None:
+            reward = load_reward(recipe, session.accelerator.device)
+            metrics.update(compare_with_initial(session.accelerator, trainer.model, session.base_dir(tokenizer),
+                                                tokenizer, recipe, validation, reward))
         return metrics
 
     return session.finish(trainer.model, tokenizer, FitResult(steps=trainer.state.global_step), evaluate)

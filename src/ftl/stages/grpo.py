@@ -12,11 +12,10 @@ import torch
 
 from ftl.config.schema import Recipe
 from ftl.data.tokenize import generation_prompt
-from ftl.methods import QUANT_BITS
-from ftl.models.load import load_model
+from ftl.rl.compare import compare_with_initial
+from ftl.rl.reward import load_reward
 from ftl.stages.session import RunSession
-from ftl.stages.trl_common import (compare_with_reference, last_trl_checkpoint, metrics_callback, reward_function,
-                                   trainer_arguments)
+from ftl.stages.trl_common import last_trl_checkpoint, metrics_callback, trainer_arguments
 from ftl.train.loop import FitResult
 
 
@@ -39,15 +38,13 @@ def run_grpo(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     session = RunSession(recipe, run_dir, resume)
-    splits = session.load_data()
-    tokenizer = session.tokenizer(splits.train)
+    splits, tokenizer = session.open()
     tokenizer.padding_side = "left"  # TRL generates from left-padded prompts
-    policy = session.apply_method(load_model(recipe.model, session.base_dir(tokenizer),
-                                             QUANT_BITS.get(recipe.method.kind), recipe.method.quant))
-    reward = reward_function(recipe, session.accelerator.device)
-    cfg = recipe.ppo
+    policy = session.prepare_model(tokenizer)
+    reward = load_reward(recipe, session.accelerator.device)
+    sampling = recipe.sampling
     args = GRPOConfig(num_generations=recipe.grpo.num_generations, beta=recipe.grpo.beta,
-                      max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature,
+                      max_completion_length=sampling.max_new_tokens, temperature=sampling.temperature,
                       **trainer_arguments(recipe, run_dir, session.main))
     prompts = [{"prompt": generation_prompt(tokenizer, r, recipe.data.system_prompt)[0]} for r in splits.train]
     trainer = GRPOTrainer(model=policy, reward_funcs=[trl_reward(reward, tokenizer)], args=args,
@@ -55,6 +52,7 @@ def run_grpo(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
                           callbacks=[metrics_callback(session.log)])
     trainer.train(resume_from_checkpoint=last_trl_checkpoint(run_dir, resume))
     tokenizer.padding_side = "right"
-    validation = splits.validation[: recipe.eval.max_examples]
+    validation = session.validation_records(splits)
     return session.finish(trainer.model, tokenizer, FitResult(steps=trainer.state.global_step),
-                          lambda: compare_with_reference(session, trainer.model, tokenizer, recipe, validation, reward))
+                          lambda: compare_with_initial(session.accelerator, trainer.model, session.base_dir(tokenizer),
+                                                       tokenizer, recipe, validation, reward))

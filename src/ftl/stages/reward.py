@@ -14,11 +14,8 @@ import torch.nn.functional as F
 from ftl.config.schema import Recipe
 from ftl.data.tokenize import render_pair
 from ftl.evaluate.sharded import sum_over_ranks
-from ftl.methods import QUANT_BITS
-from ftl.models.load import load_model
 from ftl.models.scoring import sequence_scores
 from ftl.stages.session import RunSession
-from ftl.train.loop import fit
 
 
 def encode_pairs(tokenizer, records: list[dict], recipe: Recipe) -> list[dict]:
@@ -71,23 +68,16 @@ def pairwise_metrics(model, features: list[dict], pad_id: int, batch_size: int =
 
 def run_reward(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     session = RunSession(recipe, run_dir, resume)
-    acc = session.accelerator
-    splits = session.load_data()
-    tokenizer = session.tokenizer(splits.train)
+    splits, tokenizer = session.open()
     train = encode_pairs(tokenizer, splits.train, recipe)
-    validation = encode_pairs(tokenizer, splits.validation[: recipe.eval.max_examples], recipe)
-    session.note_data(examples=len(train), rows=len(train), packed=False)
-    base = load_model(recipe.model, session.base_dir(tokenizer), QUANT_BITS.get(recipe.method.kind),
-                      recipe.method.quant, head="sequence_classification")
-    base.config.pad_token_id = tokenizer.pad_token_id
-    model = session.apply_method(base, task_type="SEQ_CLS")
+    validation = encode_pairs(tokenizer, session.validation_records(splits), recipe)
+    rows = session.training_rows(train, packable=False)
+    model = session.prepare_model(tokenizer, head="sequence_classification")
     pad = tokenizer.pad_token_id
 
     def evaluate(m) -> dict:
-        return pairwise_metrics(m, validation, pad, recipe.eval.batch_size, acc) if validation else {}
+        return pairwise_metrics(m, validation, pad, recipe.eval.batch_size, session.accelerator) if validation else {}
 
-    model, result = fit(accelerator=acc, model=model, cfg=recipe.train, features=train,
-                        collate=lambda rows: collate_pairs(rows, pad), loss_fn=pairwise_loss, run_dir=run_dir,
-                        log=session.log, resume=resume, before_training=session.evaluation_before(evaluate),
-                        evaluate=evaluate, eval_every=recipe.eval.every, save_model=session.model_saver(tokenizer))
+    model, result = session.fit(model, tokenizer, rows, lambda batch: collate_pairs(batch, pad), pairwise_loss,
+                                evaluate)
     return session.finish(model, tokenizer, result, lambda: evaluate(model))

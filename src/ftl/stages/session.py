@@ -1,8 +1,19 @@
-"""What every stage does around its training: the run directory, manifest, tracking, final save, report.
+"""What every stage does around its training: the run directory, data, tokenizer, base model and method,
+the call into the shared loop, manifest, tracking, final save and report.
 
-A stage creates a RunSession, asks it for data and a tokenizer, applies its method through
-`apply_method` (which writes the manifest and opens `self.log`, the metrics sink, once the trainable
-parameters are known), trains, and hands the result to `finish`. Only the main process writes files.
+A loop-trained stage reads, top to bottom:
+
+    session = RunSession(recipe, run_dir, resume)
+    splits, tokenizer = session.open()                   # data + tokenizer
+    train = ...encode...(tokenizer, splits.train)        # the stage's own features
+    rows = session.training_rows(train)                  # packed when the method allows it
+    model = session.prepare_model(tokenizer)             # base (quantised as the method needs) + method
+    model, result = session.fit(model, rows, collate, loss_fn, evaluate)
+    return session.finish(model, tokenizer, result, final_evaluation)
+
+`prepare_model` writes the manifest and opens `self.log` (the metrics sink) once the trainable
+parameters are known. Stages add their own manifest entries through `record`. Only the main process
+writes files.
 """
 
 from __future__ import annotations
@@ -10,31 +21,33 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from accelerate.utils import set_seed
+
 from ftl import run_dir as layout
-from ftl.config import save_resolved
+from ftl.config import resolved_dict, save_resolved
 from ftl.config.schema import Recipe
 from ftl.data import load_splits
+from ftl.data.packing import pack_sequences
 from ftl.evaluate.report import write_report
-from ftl.methods import apply_method, save_trained, trainable_summary
-from ftl.models.load import base_model_dir, load_tokenizer, record_texts
+from ftl.methods import METHODS, apply_method, save_trained, trainable_summary
+from ftl.models.load import base_model_dir, load_model, load_tokenizer, record_texts
 from ftl.track.manifest import update_manifest, write_manifest
 from ftl.track.metrics import MetricsLog
 from ftl.track.plot import plot_curves
+from ftl.track.wandb_run import WandbSink
 from ftl.train.checkpoint import latest_checkpoint
 from ftl.train.controls import apply_freeze, check_loop_controls, trainable_names
 from ftl.train.distributed import is_sharded, make_accelerator, rank_checks
+from ftl.train.loop import FitResult, LossFn, fit
 
-BEFORE_FILE = "eval_before.json"
+Metrics = Callable[[Any], dict]  # evaluate(model) -> validation metrics
 
 
 class RunSession:
     def __init__(self, recipe: Recipe, run_dir: Path, resume: bool):
-        from accelerate.utils import set_seed
-
         self.recipe, self.run_dir, self.resume = recipe, run_dir, resume
         check_loop_controls(recipe)
         self.accelerator = make_accelerator(recipe.train, recipe.launch)
@@ -45,7 +58,7 @@ class RunSession:
         if self.main:
             if not resume and (run_dir / layout.METRICS_FILE).exists():
                 # A fresh run in a used directory: start clean rather than mix two runs' files.
-                for name in ("checkpoints", layout.FINAL_DIR, layout.TOKENIZER_DIR, "base", "wandb", "best"):
+                for name in layout.RUN_OUTPUTS:
                     shutil.rmtree(run_dir / name, ignore_errors=True)
             run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved(recipe, run_dir / layout.RECIPE_FILE)
@@ -54,7 +67,19 @@ class RunSession:
         self.manifest_fields: dict = {"world_size": self.accelerator.num_processes, "stage": recipe.stage,
                                       "profile": recipe.profile, "resumed_from_step": self.resume_step}
 
+    def record(self, key: str, value) -> None:
+        """A stage's own manifest entry (written with the manifest when the method is applied)."""
+        self.manifest_fields[key] = value
+
     # -- data and model ----------------------------------------------------------------------
+    def open(self):
+        """(splits, tokenizer): the recipe's data, and the tokenizer built or loaded for it."""
+        splits = self.load_data()
+        return splits, self.tokenizer(splits.train)
+
+    def validation_records(self, splits) -> list[dict]:
+        return splits.validation[: self.recipe.eval.max_examples]
+
     def load_data(self):
         splits, report = load_splits(self.recipe.data)
         self.manifest_fields["data"] = {"fingerprints": splits.fingerprints(), "sizes": splits.sizes(),
@@ -81,6 +106,36 @@ class RunSession:
         with self.accelerator.main_process_first():
             return base_model_dir(self.recipe.model, tokenizer, self.recipe.train.seed, self.run_dir)
 
+    def load_base(self, tokenizer, head: str = "causal_lm", num_labels: int = 1):
+        """The base model, quantised as the recipe's method needs (QLoRA: 4-bit, lora8bit: 8-bit)."""
+        model = load_model(self.recipe.model, self.base_dir(tokenizer), METHODS[self.recipe.method.kind].quant_bits,
+                           self.recipe.method.quant, head=head, num_labels=num_labels)
+        if head != "causal_lm":
+            model.config.pad_token_id = tokenizer.pad_token_id
+        return model
+
+    def prepare_model(self, tokenizer, head: str = "causal_lm", num_labels: int = 1):
+        """load_base + apply_method: what trains."""
+        task = "CAUSAL_LM" if head == "causal_lm" else "SEQ_CLS"
+        return self.apply_method(self.load_base(tokenizer, head, num_labels), task_type=task)
+
+    def packs(self) -> bool:
+        """data.packing, unless the method puts virtual tokens at the start of each row."""
+        kind = self.recipe.method.kind
+        packing = self.recipe.data.packing and METHODS[kind].packs
+        if self.recipe.data.packing and not packing:
+            self.accelerator.print(f"ftl: method {kind} puts virtual tokens at the start of each row: "
+                                   "training without packing")
+        return packing
+
+    def training_rows(self, features: list[dict], packable: bool = True) -> list[dict]:
+        """The rows the loop trains on: features packed into data.max_length rows when allowed; the
+        manifest records examples, rows and whether they were packed."""
+        packing = packable and self.packs()
+        rows = pack_sequences(features, self.recipe.data.max_length) if packing else features
+        self.note_data(examples=len(features), rows=len(rows), packed=packing)
+        return rows
+
     def apply_method(self, model, task_type: str = "CAUSAL_LM"):
         model = apply_method(model, self.recipe.method, self.recipe.model.gradient_checkpointing, task_type)
         frozen = apply_freeze(model, self.recipe.train.freeze)  # train.freeze, on top of the method
@@ -94,6 +149,15 @@ class RunSession:
         self._start_tracking()
         return model
 
+    def fit(self, model, tokenizer, rows: list[dict], collate: Callable[[list[dict]], dict], loss_fn: LossFn,
+            evaluate: Optional[Metrics] = None, evaluate_before: Optional[Metrics] = None):
+        """The shared loop on the recipe's train settings; `evaluate_before` (default `evaluate`) is the
+        untrained model's evaluation when eval.before_training asks for it."""
+        return fit(accelerator=self.accelerator, model=model, cfg=self.recipe.train, features=rows, collate=collate,
+                   loss_fn=loss_fn, run_dir=self.run_dir, log=self.log, resume=self.resume,
+                   before_training=self.evaluation_before(evaluate_before or evaluate), evaluate=evaluate,
+                   eval_every=self.recipe.eval.every, save_model=self.model_saver(tokenizer))
+
     def model_saver(self, tokenizer) -> Callable:
         """save(model, folder): the same kind of folder as final/ (for the loop's best/ copy)."""
         return lambda model, target: save_final_model(self.accelerator, model, tokenizer, target,
@@ -104,30 +168,28 @@ class RunSession:
         if self.main:
             write_manifest(self.run_dir / layout.MANIFEST_FILE, **self.manifest_fields)
             if self.recipe.track.wandb.enabled:
-                from ftl.config import resolved_dict
-                from ftl.track.wandb_run import WandbSink
-
                 self.wandb = WandbSink(self.recipe.track.wandb, self.run_dir,
                                        f"{self.recipe.name}-{self.recipe.profile or 'base'}",
                                        resolved_dict(self.recipe))
                 self.sinks.append(self.wandb)
         self.log = MetricsLog(self.run_dir / layout.METRICS_FILE, self.main, self.resume_step, self.sinks)
 
-    def evaluation_before(self, evaluate: Callable[[Any], dict]) -> Optional[Callable[[Any], None]]:
+    def evaluation_before(self, evaluate: Optional[Metrics]) -> Optional[Callable[[Any], None]]:
         """The untrained model's evaluation (eval.before_training), for `fit` to run once it has prepared
         the model: under ZeRO-3 an unprepared model holds only this rank's shards. None on resume: the
         run being resumed measured it."""
-        if not self.recipe.eval.before_training or self.resume_step is not None:
+        if evaluate is None or not self.recipe.eval.before_training or self.resume_step is not None:
             return None
 
         def run(model) -> None:
             metrics = evaluate(model)
             if self.main:
-                (self.run_dir / BEFORE_FILE).write_text(json.dumps(metrics, ensure_ascii=False))
+                (self.run_dir / layout.EVAL_BEFORE_FILE).write_text(json.dumps(metrics, ensure_ascii=False))
         return run
 
     # -- the end ---------------------------------------------------------------------------
-    def finish(self, model, tokenizer, result, evaluate: Callable[[], dict], part: Optional[str] = None) -> dict:
+    def finish(self, model, tokenizer, result: FitResult, evaluate: Callable[[], dict],
+               part: Optional[str] = None) -> dict:
         """part: save only this submodule of the trained module (e.g. PPO's policy inside its ZeRO engine)."""
         acc = self.accelerator
         summary = {"run_dir": str(self.run_dir), "steps": result.steps, "interrupted": result.interrupted}
@@ -141,7 +203,7 @@ class RunSession:
         save_final_model(acc, model, tokenizer, self.run_dir / layout.FINAL_DIR, self.recipe.method, part)
         if self.main:
             results = {}
-            before_path = self.run_dir / BEFORE_FILE
+            before_path = self.run_dir / layout.EVAL_BEFORE_FILE
             if before_path.exists():
                 results["before"] = json.loads(before_path.read_text())
             results["after"] = after
@@ -172,17 +234,10 @@ def save_final_model(accelerator, model, tokenizer, target: Path, method, part: 
         if part:
             unwrapped = getattr(unwrapped, part)
             state_dict = {k[len(part) + 1:]: v for k, v in state_dict.items() if k.startswith(part + ".")}
-        tmp = target.with_name(target.name + ".partial")
+        tmp = layout.partial(target)
         shutil.rmtree(tmp, ignore_errors=True)
         save_trained(unwrapped, state_dict, tmp, method)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     accelerator.wait_for_everyone()
-
-
-def exit_cleanly(code: int = 0) -> None:
-    """Flush and leave without interpreter teardown (avoids DeepSpeed's sporadic exit SIGABRT)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)

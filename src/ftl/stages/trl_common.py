@@ -1,5 +1,6 @@
 """What the TRL-backed stages (dpo, grpo) share: training arguments from the recipe, metrics into
-metrics.jsonl, resume from TRL's own checkpoints, and the PPO-style comparison with the reference."""
+metrics.jsonl, resume from TRL's own checkpoints. Their reward and the end-of-run comparison with the
+reference are ftl.rl's, as PPO's are."""
 
 from __future__ import annotations
 
@@ -8,9 +9,6 @@ from pathlib import Path
 import torch
 
 from ftl.config.schema import Recipe
-from ftl.data.tokenize import generation_prompt
-from ftl.models.load import load_model
-from ftl.stages.ppo.rollout import RewardFunction
 
 
 def trainer_arguments(recipe: Recipe, run_dir: Path, main: bool) -> dict:
@@ -40,26 +38,3 @@ def metrics_callback(log):
                 log({"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))},
                      "lr": logs.get("learning_rate", 0.0)})
     return ToMetricsLog()
-
-
-def reward_function(recipe: Recipe, device) -> RewardFunction:
-    cfg = recipe.ppo
-    model = None
-    if cfg.reward.kind == "model":
-        model = load_model(recipe.model.model_copy(update={"gradient_checkpointing": False}), Path(cfg.reward.path),
-                           head="sequence_classification").eval().requires_grad_(False).to(device)
-    return RewardFunction(model, cfg.reward.function, cfg.reward.kwargs)
-
-
-def compare_with_reference(session, policy, tokenizer, recipe: Recipe, validation: list[dict],
-                           reward: RewardFunction) -> dict:
-    """The policy against the model it started from, exactly as PPO reports it."""
-    from ftl.stages.ppo import Reference
-    from ftl.stages.ppo.evaluate import compare_policies
-
-    acc = session.accelerator
-    initial = load_model(recipe.model.model_copy(update={"gradient_checkpointing": False}),
-                         session.base_dir(tokenizer)).eval().to(acc.device)
-    prompts = [generation_prompt(tokenizer, r, recipe.data.system_prompt)[0] for r in validation]
-    return compare_policies(acc, acc.unwrap_model(policy), Reference.frozen_model(initial), reward, tokenizer,
-                            prompts, recipe.ppo)

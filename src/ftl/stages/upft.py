@@ -1,29 +1,8 @@
 """UPFT: unsupervised prefix fine-tuning (Ji et al. 2025, "The First Few Tokens Are All You Need").
 
-No labels are used for training. Once, before training, the initial model (the base as loaded, before
-the method is applied) samples `upft.samples_per_prompt` responses to every training prompt and one
-response to each of the first `eval.max_examples` validation prompts. Each sample is rendered as the
-data layer renders a generation prompt (chat template + generation prompt); the prompt tokens are
-masked and the labels are the first `upft.prefix_tokens` response tokens, except a `upft.full_fraction`
-share of the training samples (chosen by train.seed) that keep their whole response (up to
-`upft.max_new_tokens`, with its end-of-turn token when the model produced one). Training is the shared
-`fit()` loop on these features (packed like SFT).
-
-The samples are saved to `upft_samples.jsonl` in the run directory (prompt, response text and token
-ids, whether it ended with EOS, whether it trains at full length) with their sampling settings in
-`upft_samples.meta.json`; a resumed run reads them back and never resamples.
-
-Distributed: generation batches are fixed by prompt order and go round-robin to the ranks, each batch
-seeded by (train.seed, batch index), so the samples do not depend on the world size; every rank's
-samples are gathered, rank 0 writes the file and every rank reads it back.
-
-Evaluation (before/after training, and every eval.every steps):
-- self_prefix_loss: loss on the first k tokens of the *initial* model's samples for held-out prompts.
-  It measures how far the model has moved towards its own initial prefixes (sharpening), not quality.
-- loss / perplexity / tokens: SFT-style loss on the data's reference answers when the format has them
-  (chat, prompt_completion): whether unsupervised training moved the model towards the real answers.
-  The references are never trained on.
-- greedy generations on the eval.generate prompts.
+The initial model samples responses to unlabelled prompts once; training is the shared loop on their
+first `upft.prefix_tokens` tokens. The full spec (sampling, samples file, ranks, evaluation) is in the
+README, section "Unsupervised prefix fine-tuning (UPFT)".
 """
 
 from __future__ import annotations
@@ -38,21 +17,22 @@ from pathlib import Path
 
 import torch
 
+from accelerate.utils import gather_object, set_seed
+
+from ftl import run_dir as layout
 from ftl.config.schema import Recipe, UPFTOptions
-from ftl.data.packing import collate, pack_sequences
+from ftl.data.packing import collate
 from ftl.data.tokenize import IGNORE, count_trained_tokens, encode_records, generation_prompt
 from ftl.errors import RecipeError
 from ftl.evaluate.generate import generate_samples, sample_prompts
 from ftl.evaluate.lm import causal_lm_loss, lm_loss
-from ftl.methods import PACKING_INCOMPATIBLE, QUANT_BITS
+from ftl.methods import METHODS
 from ftl.models.load import load_model, without_zero_init
-from ftl.stages.ppo.rollout import left_padded, response_mask
+from ftl.rl.rollout import left_padded, response_mask
 from ftl.stages.session import RunSession
 from ftl.train.distributed import is_sharded
-from ftl.train.loop import fit
 
-SAMPLES_FILE = "upft_samples.jsonl"
-META_FILE = "upft_samples.meta.json"
+SAMPLES_FILE, META_FILE = layout.UPFT_SAMPLES_FILE, layout.UPFT_META_FILE
 SAMPLING_KEYS = ("samples_per_prompt", "max_new_tokens", "temperature", "top_k", "full_fraction")
 
 
@@ -139,7 +119,7 @@ def file_digest(path: Path) -> str:
 
 def write_samples(run_dir: Path, samples: list[dict], settings: dict, seconds: float, skipped: int) -> None:
     path = run_dir / SAMPLES_FILE
-    tmp = path.with_name(path.name + ".partial")
+    tmp = layout.partial(path)
     with tmp.open("w", encoding="utf-8") as f:
         for sample in samples:
             f.write(json.dumps(sample, ensure_ascii=False) + "\n")
@@ -167,10 +147,9 @@ def saved_samples_usable(run_dir: Path, recipe: Recipe) -> bool:
     return True
 
 
-def draw_samples(session: RunSession, recipe: Recipe, base, base_dir: Path, tokenizer, splits) -> None:
+def draw_samples(session: RunSession, base, tokenizer, splits) -> None:
     """Sample on every rank (each its share of the batches), gather, write on rank 0."""
-    from accelerate.utils import gather_object
-
+    recipe = session.recipe
     acc, cfg = session.accelerator, recipe.upft
     jobs, too_long = sampling_jobs(tokenizer, splits, recipe)
     if acc.is_main_process:  # a fresh run in a used directory: never leave the old samples to be resumed
@@ -179,8 +158,9 @@ def draw_samples(session: RunSession, recipe: Recipe, base, base_dir: Path, toke
     sampler = base
     if is_sharded(acc):  # ZeRO-3 partitions the base on load: sample with a whole copy on every rank
         with without_zero_init():
-            sampler = load_model(recipe.model.model_copy(update={"gradient_checkpointing": False}), base_dir)
-    if QUANT_BITS.get(recipe.method.kind) is None:
+            sampler = load_model(recipe.model.model_copy(update={"gradient_checkpointing": False}),
+                                 session.base_dir(tokenizer))
+    if METHODS[recipe.method.kind].quant_bits is None:
         sampler.to(acc.device)
     started = time.perf_counter()
     mine = sample_responses(sampler, tokenizer, jobs, cfg, recipe.train.seed, recipe.eval.batch_size,
@@ -203,7 +183,7 @@ def draw_samples(session: RunSession, recipe: Recipe, base, base_dir: Path, toke
     acc.wait_for_everyone()
 
 
-def sample_summary(samples: list[dict], meta: dict, sha256: str, reused: bool, train_features: list[dict]) -> dict:
+def sample_summary(samples: list[dict], meta: dict, sha256: str, reused: bool) -> dict:
     """Manifest counts; sha256 is the file as read (a hand-edited file shows up here, not in the meta)."""
     train = [s for s in samples if s["split"] == "train"]
     lengths = [len(s["response_ids"]) for s in train]
@@ -214,58 +194,59 @@ def sample_summary(samples: list[dict], meta: dict, sha256: str, reused: bool, t
             "prefix_samples": sum(not s["full"] for s in train),
             "validation_samples": sum(s["split"] == "validation" for s in samples),
             "eos_fraction": sum(s["eos"] for s in train) / max(1, len(train)),
-            "mean_response_tokens": sum(lengths) / max(1, len(lengths)),
-            "train_features": len(train_features), "trained_tokens": count_trained_tokens(train_features)}
+            "mean_response_tokens": sum(lengths) / max(1, len(lengths))}
 
 
 # -- the stage ----------------------------------------------------------------------------------
 def run_upft(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
-    from accelerate.utils import set_seed
-
     session = RunSession(recipe, run_dir, resume)
-    acc, cfg = session.accelerator, recipe.upft
-    splits = session.load_data()
-    tokenizer = session.tokenizer(splits.train)
-    base_dir = session.base_dir(tokenizer)
-    base = load_model(recipe.model, base_dir, QUANT_BITS.get(recipe.method.kind), recipe.method.quant)
-
-    reused = resume and saved_samples_usable(run_dir, recipe)
-    if reused:
-        acc.print(f"ftl: upft: --resume reuses the saved samples {run_dir / SAMPLES_FILE} (no resampling)")
-    else:
-        draw_samples(session, recipe, base, base_dir, tokenizer, splits)
-    samples, meta = read_samples(run_dir)
-    set_seed(recipe.train.seed)  # training starts from the same RNG state whether it sampled or not
-
-    train = encode_samples(tokenizer, samples, "train", cfg.prefix_tokens, recipe.data.max_length)
-    held_out = encode_samples(tokenizer, samples, "validation", cfg.prefix_tokens, recipe.data.max_length)
-    validation = splits.validation[: recipe.eval.max_examples]
-    references = encode_records(tokenizer, validation, recipe.data) \
-        if recipe.data.format in ("chat", "prompt_completion") else []
-    packing = recipe.data.packing and recipe.method.kind not in PACKING_INCOMPATIBLE
-    train_rows = pack_sequences(train, recipe.data.max_length) if packing else train
-    session.note_data(examples=len(train), rows=len(train_rows), packed=packing)
-    digest = file_digest(run_dir / SAMPLES_FILE)
-    session.manifest_fields["upft"] = sample_summary(samples, meta, digest, reused, train)
-
+    splits, tokenizer = session.open()
+    base = session.load_base(tokenizer)
+    samples, sampled = own_samples(session, base, tokenizer, splits)
+    train = encode_samples(tokenizer, samples, "train", recipe.upft.prefix_tokens, recipe.data.max_length)
+    held_out = encode_samples(tokenizer, samples, "validation", recipe.upft.prefix_tokens, recipe.data.max_length)
+    rows = session.training_rows(train)
+    session.record("upft", {**sampled, "train_features": len(train), "trained_tokens": count_trained_tokens(train)})
     model = session.apply_method(base)
+    evaluate = upft_evaluation(session, tokenizer, held_out, splits)
+
+    model, result = session.fit(model, tokenizer, rows, partial(collate, pad_id=tokenizer.pad_token_id),
+                                causal_lm_loss, evaluate, evaluate_before=partial(evaluate, with_samples=True))
+    return session.finish(model, tokenizer, result, lambda: evaluate(model, with_samples=True))
+
+
+def own_samples(session: RunSession, base, tokenizer, splits) -> tuple[list[dict], dict]:
+    """(samples, their summary): the initial model's samples, drawn now or on --resume read back (never
+    resampled). Training then starts from the same RNG state whether it sampled or not."""
+    run_dir = session.run_dir
+    reused = session.resume and saved_samples_usable(run_dir, session.recipe)
+    if reused:
+        session.accelerator.print(f"ftl: upft: --resume reuses the saved samples {run_dir / SAMPLES_FILE} "
+                                  "(no resampling)")
+    else:
+        draw_samples(session, base, tokenizer, splits)
+    samples, meta = read_samples(run_dir)
+    set_seed(session.recipe.train.seed)
+    return samples, sample_summary(samples, meta, file_digest(run_dir / SAMPLES_FILE), reused)
+
+
+def upft_evaluation(session: RunSession, tokenizer, held_out: list[dict], splits):
+    """evaluate(model, with_samples=False): loss on the initial model's own held-out prefixes, SFT-style
+    loss on the reference answers when the format has them, greedy generations when asked."""
+    recipe, acc = session.recipe, session.accelerator
+    references = encode_records(tokenizer, session.validation_records(splits), recipe.data) \
+        if recipe.data.format in ("chat", "prompt_completion") else []
     prompts = sample_prompts(tokenizer, recipe.eval.generate, recipe.data.system_prompt, splits.validation)
 
-    def evaluate(m, with_samples=False) -> dict:
+    def evaluate(model, with_samples: bool = False) -> dict:
         metrics = {}
         if held_out:
-            own = lm_loss(m, held_out, tokenizer.pad_token_id, recipe.eval.batch_size, acc)
+            own = lm_loss(model, held_out, tokenizer.pad_token_id, recipe.eval.batch_size, acc)
             metrics.update(self_prefix_loss=own["loss"], self_prefix_tokens=own["tokens"])
         if references:
-            metrics.update(lm_loss(m, references, tokenizer.pad_token_id, recipe.eval.batch_size, acc))
+            metrics.update(lm_loss(model, references, tokenizer.pad_token_id, recipe.eval.batch_size, acc))
         if with_samples and prompts:
-            metrics["samples"] = generate_samples(acc.unwrap_model(m), tokenizer, prompts,
+            metrics["samples"] = generate_samples(acc.unwrap_model(model), tokenizer, prompts,
                                                   recipe.eval.generate.max_new_tokens)
         return metrics
-
-    model, result = fit(accelerator=acc, model=model, cfg=recipe.train, features=train_rows,
-                        collate=partial(collate, pad_id=tokenizer.pad_token_id), loss_fn=causal_lm_loss,
-                        run_dir=run_dir, log=session.log, resume=resume,
-                        before_training=session.evaluation_before(lambda m: evaluate(m, with_samples=True)),
-                        evaluate=evaluate, eval_every=recipe.eval.every, save_model=session.model_saver(tokenizer))
-    return session.finish(model, tokenizer, result, lambda: evaluate(model, with_samples=True))
+    return evaluate

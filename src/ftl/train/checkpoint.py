@@ -7,11 +7,13 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from ftl.run_dir import CHECKPOINTS_DIR
+
 STATE_FILE = "trainer_state.json"
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
+    return run_dir / CHECKPOINTS_DIR
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
@@ -41,8 +43,11 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, keep: in
 
 
 def read_state(path: Path) -> dict:
-    """The loop's own state saved with a checkpoint (step, unfreeze stage, early-stopping record)."""
-    return json.loads((path / STATE_FILE).read_text())
+    """The loop's own state saved with a checkpoint (step, unfreeze phase, early-stopping record)."""
+    state = json.loads((path / STATE_FILE).read_text())
+    if "unfreeze_stage" in state:  # written before unfreeze stages were called phases: still resumes
+        state.setdefault("unfreeze_phase", state.pop("unfreeze_stage"))
+    return state
 
 
 def load_checkpoint(accelerator, path: Path) -> dict:

@@ -1,4 +1,4 @@
-"""Classical fine-tuning controls: freezing, layer-wise learning rates, staged unfreezing, early stopping.
+"""Classical fine-tuning controls: freezing, layer-wise learning rates, gradual unfreezing, early stopping.
 
 A model is seen as three parts, found by name so PEFT-wrapped models work too:
 - embeddings: the input embedding module (and its `*embeddings` parent, e.g. BERT's position and
@@ -10,7 +10,9 @@ A model is seen as three parts, found by name so PEFT-wrapped models work too:
   `freeze.embeddings` freezes it too.
 
 Controls only ever narrow what the method trains: a parameter trains when the method leaves it
-trainable, no freeze rule matches it, and (with staged unfreezing) the current stage includes it.
+trainable, no freeze rule matches it, and (with gradual unfreezing) the current unfreeze phase includes
+it. A *phase* is one entry of `train.unfreeze` (a span of optimizer steps); "stage" always means the
+recipe's stage (sft, reward, ppo, ...).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from typing import Optional
 from torch import nn
 
 from ftl.config.schema import EarlyStoppingConfig, FreezeConfig, TrainConfig
+from ftl.config.stages import STAGES
 from ftl.errors import RecipeError
+from ftl.methods import count
 
 BLOCK_LISTS = ("layers", "layer", "h", "blocks")
 PEFT_PREFIXES = (re.compile(r"^base_model\.model\."), re.compile(r"^base_model\."))  # LoRA-style, prompt-learning
@@ -171,12 +175,12 @@ def _need_blocks(layout: Layout, key: str) -> None:
                           f"{', '.join(BLOCK_LISTS)}, e.g. model.layers.N or encoder.layer.N)")
 
 
-# -- staged unfreezing ---------------------------------------------------------------------------
+# -- gradual unfreezing: phases ------------------------------------------------------------------
 @dataclass
-class Stage:
+class Phase:
     index: int
-    start: int                 # optimizer steps before this stage
-    end: int                   # last optimizer step of this stage (inclusive)
+    start: int                 # optimizer steps before this phase
+    end: int                   # last optimizer step of this phase (inclusive)
     lr: float
     top_blocks: Optional[int]  # None: everything the method and freeze allow ('all', or no schedule)
 
@@ -193,12 +197,12 @@ def epochs_to_steps(epochs: float, cfg: TrainConfig, n_examples: int, world: int
     return max(1, math.ceil(epochs * micro_batches_per_epoch(n_examples, cfg.batch_size, world) / cfg.grad_accum))
 
 
-def plan_stages(cfg: TrainConfig, n_examples: int, world: int, num_blocks: Optional[int] = None) -> list[Stage]:
-    """The unfreeze schedule in optimizer steps; without one, a single stage of the whole run."""
+def plan_phases(cfg: TrainConfig, n_examples: int, world: int, num_blocks: Optional[int] = None) -> list[Phase]:
+    """The unfreeze schedule in optimizer steps; without one, a single phase of the whole run."""
     if not cfg.unfreeze:
         total = cfg.max_steps or epochs_to_steps(cfg.epochs, cfg, n_examples, world)
-        return [Stage(0, 0, total, cfg.lr, None)]
-    stages, start = [], 0
+        return [Phase(0, 0, total, cfg.lr, None)]
+    phases, start = [], 0
     for i, spec in enumerate(cfg.unfreeze):
         steps = spec.steps or epochs_to_steps(spec.epochs, cfg, n_examples, world)
         top = None if spec.top_blocks == "all" else spec.top_blocks
@@ -206,30 +210,30 @@ def plan_stages(cfg: TrainConfig, n_examples: int, world: int, num_blocks: Optio
             if top > num_blocks:
                 raise RecipeError(f"train.unfreeze[{i}].top_blocks={top} but the model has {num_blocks} "
                                   "transformer blocks")
-        stages.append(Stage(i, start, start + steps, spec.lr, top))
+        phases.append(Phase(i, start, start + steps, spec.lr, top))
         start += steps
-    return stages
+    return phases
 
 
-def stage_of_step(stages: list[Stage], step: int) -> int:
-    """The stage that ran optimizer step `step` (1-based); step 0 → the first stage."""
-    for stage in stages:
-        if step <= stage.end:
-            return stage.index
-    return stages[-1].index
+def phase_of_step(phases: list[Phase], step: int) -> int:
+    """The phase that ran optimizer step `step` (1-based); step 0 → the first phase."""
+    for phase in phases:
+        if step <= phase.end:
+            return phase.index
+    return phases[-1].index
 
 
-def stage_for_next_step(stages: list[Stage], done: int) -> int:
-    """The stage that runs the step after `done` completed steps."""
-    return stage_of_step(stages, done + 1)
+def phase_for_next_step(phases: list[Phase], done: int) -> int:
+    """The phase that runs the step after `done` completed steps."""
+    return phase_of_step(phases, done + 1)
 
 
-def stage_trainable(layout: Layout, allowed: set[str], stage: Stage) -> set[str]:
-    """What trains in a stage: the head plus the top `top_blocks` blocks, within what `allowed` permits."""
-    if stage.top_blocks is None:
+def phase_trainable(layout: Layout, allowed: set[str], phase: Phase) -> set[str]:
+    """What trains in a phase: the head plus the top `top_blocks` blocks, within what `allowed` permits."""
+    if phase.top_blocks is None:
         return set(allowed)
     blocks = set()
-    for block in layout.blocks[layout.num_blocks - stage.top_blocks:] if stage.top_blocks else []:
+    for block in layout.blocks[layout.num_blocks - phase.top_blocks:] if phase.top_blocks else []:
         blocks |= set(block)
     return {n for n in allowed if n in blocks or layout.part(n) == "head"}
 
@@ -270,7 +274,7 @@ def param_groups(layout: Layout, trainable: set[str], lr: float, cfg: TrainConfi
 
 def check_settings(cfg: TrainConfig, caller_groups: bool) -> None:
     if cfg.unfreeze and cfg.layer_lr.head_lr is not None:
-        raise RecipeError("train.layer_lr.head_lr cannot be combined with train.unfreeze: each stage's lr "
+        raise RecipeError("train.layer_lr.head_lr cannot be combined with train.unfreeze: each phase's lr "
                           "(train.unfreeze[i].lr) is the head's rate; use train.layer_lr.decay for the blocks")
     if caller_groups and (cfg.unfreeze or layer_lr_active(cfg)):
         raise RecipeError("this stage sets its own optimizer parameter groups: train.layer_lr and "
@@ -278,8 +282,6 @@ def check_settings(cfg: TrainConfig, caller_groups: bool) -> None:
 
 
 def describe_groups(groups: list[Group], params: dict) -> list[dict]:
-    from ftl.methods import count
-
     return [{"name": g.name, "lr": g.lr, "tensors": len(g.names),
              "params": sum(count(params[n]) for n in g.names), "names": g.names} for g in groups]
 
@@ -349,14 +351,11 @@ class EarlyStopping:
         self.history = list(state.get("history", []))
 
 
-# stages that train through TRL or their own loop rather than ftl.train.loop.fit
-OWN_LOOP_STAGES = ("ppo", "dpo", "grpo")
-
-
 def check_loop_controls(recipe) -> None:
-    """Layer-wise rates, staged unfreezing and early stopping live in the shared loop: refuse them
-    (rather than ignore them) in stages that train elsewhere. train.freeze works in every stage."""
-    if recipe.stage not in OWN_LOOP_STAGES:
+    """Layer-wise rates, gradual unfreezing and early stopping live in the shared loop: refuse them
+    (rather than ignore them) in stages that train elsewhere (STAGES[...].own_loop: PPO's loop, TRL's
+    trainers). train.freeze works in every stage."""
+    if not STAGES[recipe.stage].own_loop:
         return
     t = recipe.train
     for key, used in (("train.layer_lr", layer_lr_active(t)), ("train.unfreeze", bool(t.unfreeze)),

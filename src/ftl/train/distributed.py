@@ -14,6 +14,7 @@ from typing import Optional
 
 from ftl.config.schema import LaunchConfig, TrainConfig
 from ftl.errors import LaunchError
+from ftl.train.zero_memory import measure_model_states
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -130,7 +131,5 @@ def rank_checks(accelerator, model) -> list[dict]:
     if "SLURM_NODEID" in os.environ:  # which node of a Slurm job this rank ran on
         mine["slurm_node"] = int(os.environ["SLURM_NODEID"])
     if uses_deepspeed(accelerator):
-        from ftl.train.zero_memory import measure_model_states
-
         mine["zero"] = measure_model_states(model)
     return gather_object([mine]) if accelerator.num_processes > 1 else [mine]

@@ -1,12 +1,18 @@
-"""The training loop every stage shares.
+"""The training loop every stage shares (and the checkpoint-and-stop tail ftl's PPO loop shares with it).
+
+`fit` reads as the loop it is. Per optimizer step: `accumulate` runs train.grad_accum micro-batches
+(forward, backward, optimizer and scheduler step); `step_record` reduces the step's statistics across
+ranks into its metrics record; `Validation.after_step` evaluates when due (with early stopping, at every
+epoch end); `checkpoint_and_maybe_stop` checkpoints on cadence and stops on SIGTERM / SIGUSR1.
 
 Deterministic data order (seed + epoch), so a resumed run skips exactly the micro-batches it had
 consumed and reproduces the uninterrupted loss curve. Each rank takes its slice of every global batch.
 
 The recipe's controls (ftl.train.controls) act here: `train.freeze`, layer-wise rates (`train.layer_lr`),
-staged unfreezing (`train.unfreeze`: the optimizer, scheduler and DDP wrapper are rebuilt at every stage
-boundary; a checkpoint records its stage, so a resume rebuilds that stage before loading) and early
-stopping (`train.early_stopping`: evaluate, checkpoint and maybe keep `best/` at every epoch end).
+gradual unfreezing (`train.unfreeze`, a list of phases: the optimizer, scheduler and DDP wrapper are
+rebuilt at every phase boundary; a checkpoint records its phase, so a resume rebuilds that phase before
+loading) and early stopping (`train.early_stopping`: evaluate, checkpoint and maybe keep `best/` at every
+epoch end).
 """
 
 from __future__ import annotations
@@ -19,13 +25,14 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
 from ftl.config.schema import TrainConfig
 from ftl.errors import DataError, RecipeError
-from ftl.run_dir import MANIFEST_FILE
+from ftl.run_dir import BEST_DIR, MANIFEST_FILE
+from ftl.track.manifest import update_manifest
 from ftl.train import controls
 from ftl.train.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from ftl.train.distributed import offloads_optimizer, uses_deepspeed
@@ -43,12 +50,9 @@ class FitResult:
     interrupted: bool = False
     resumed_from: Optional[int] = None
     history: list[dict] = field(default_factory=list)
-    optimizer_builds: list[dict] = field(default_factory=list)  # one per (re)build: stage, groups, rates
+    optimizer_builds: list[dict] = field(default_factory=list)  # one per (re)build: phase, groups, rates
     stopped_early: bool = False
     early_stopping: Optional[dict] = None
-
-
-BEST_DIR = "best"
 
 
 def build_optimizer(model, cfg: TrainConfig, param_groups=None, offloaded: bool = False,
@@ -56,14 +60,14 @@ def build_optimizer(model, cfg: TrainConfig, param_groups=None, offloaded: bool 
     params = param_groups or [p for p in model.parameters() if p.requires_grad]
     lr = cfg.lr if lr is None else lr
     if offloaded:  # ZeRO-Offload steps on the CPU with DeepSpeed's own Adam (compiled once, cached)
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # local: importing deepspeed costs seconds
 
         if cfg.optimizer != "adamw":
             raise ValueError("optimizer offload supports train.optimizer 'adamw' only")
         return DeepSpeedCPUAdam(params, lr=lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
                                 adamw_mode=True)
     if cfg.optimizer in BNB_OPTIMIZERS:  # 8-bit / paged optimizers (paged ones fall back to unpaged on CPU)
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # local: optional, and slow to import
 
         return getattr(bnb.optim, BNB_OPTIMIZERS[cfg.optimizer])(
             params, lr=lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
@@ -73,8 +77,8 @@ def build_optimizer(model, cfg: TrainConfig, param_groups=None, offloaded: bool 
 
 
 def build_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
-    """cfg.scheduler over total_steps (one unfreeze stage's steps when staged), after cfg.warmup_steps."""
-    from transformers import get_scheduler
+    """cfg.scheduler over total_steps (one unfreeze phase's steps when phased), after cfg.warmup_steps."""
+    from transformers import get_scheduler  # local: importing transformers costs seconds
 
     return get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                          num_training_steps=total_steps)
@@ -96,39 +100,34 @@ def micro_batches(n_examples: int, batch_size: int, world: int, rank: int, seed:
         epoch += 1
 
 
-def total_optimizer_steps(cfg: TrainConfig, n_examples: int, world: int) -> int:
-    """Staged unfreezing defines the length (the sum of its stages); else max_steps, else epochs."""
-    return controls.plan_stages(cfg, n_examples, world)[-1].end
-
-
 class _Optimization:
-    """Builds (and at unfreeze-stage boundaries rebuilds) what trains, the optimizer and its scheduler."""
+    """Builds (and at unfreeze-phase boundaries rebuilds) what trains, the optimizer and its scheduler."""
 
     def __init__(self, accelerator, model, cfg: TrainConfig, n_examples: int, param_groups, run_dir: Path):
         controls.check_settings(cfg, param_groups is not None)
         self.accelerator, self.cfg, self.caller_groups, self.run_dir = accelerator, cfg, param_groups, run_dir
-        self.staged = bool(cfg.unfreeze)
+        self.phased = bool(cfg.unfreeze)
         self.grouped = controls.layer_lr_active(cfg)
         self.layout = controls.model_layout(accelerator.unwrap_model(model))
         controls.apply_freeze(accelerator.unwrap_model(model), cfg.freeze, self.layout)
         if cfg.freeze.embeddings and self.layout.tied:
             accelerator.print("ftl: train.freeze.embeddings also freezes the output layer (its weight is tied to the "
                               "input embeddings)")
-        # what the method and train.freeze leave trainable; stages choose within it
+        # what the method and train.freeze leave trainable; phases choose within it
         self.allowed = set(controls.trainable_names(accelerator.unwrap_model(model)))
         if len(cfg.unfreeze) > 1 and uses_deepspeed(accelerator):
-            raise RecipeError("train.unfreeze: staged unfreezing rebuilds the optimizer at each stage boundary, "
-                              "which a DeepSpeed engine cannot do; train with DDP (no launch.deepspeed) or one stage")
-        self.stages = controls.plan_stages(cfg, n_examples, accelerator.num_processes,
-                                           self.layout.num_blocks if self.staged else None)
-        self.total = self.stages[-1].end
+            raise RecipeError("train.unfreeze: gradual unfreezing rebuilds the optimizer at each phase boundary, "
+                              "which a DeepSpeed engine cannot do; train with DDP (no launch.deepspeed) or one phase")
+        self.phases = controls.plan_phases(cfg, n_examples, accelerator.num_processes,
+                                           self.layout.num_blocks if self.phased else None)
+        self.total = self.phases[-1].end
         self.scheduler_slot = _SchedulerSlot()
         # Not prepared: accelerate would step it once per process, and our step count already
-        # accounts for the world size. Registered (through a stable slot, since a stage boundary
+        # accounts for the world size. Registered (through a stable slot, since a phase boundary
         # replaces it) so checkpoints carry its state.
         accelerator.register_for_checkpointing(self.scheduler_slot)
-        self.built = False
-        self.stage = 0
+        self.builds: list[dict] = []  # one per (re)build, for the manifest and FitResult.optimizer_builds
+        self.phase = 0
         self.base_ratio = 1.0
 
     @property
@@ -136,22 +135,22 @@ class _Optimization:
         return self.scheduler_slot.scheduler
 
     def lr(self) -> float:
-        """The schedule's base rate now (the stage's lr, or train.lr, times the schedule factor)."""
+        """The schedule's base rate now (the phase's lr, or train.lr, times the schedule factor)."""
         lr = self.scheduler.get_last_lr()[0]
         return lr * self.base_ratio if self.base_ratio != 1.0 else lr
 
-    def build(self, model, stage_index: int, step: int):
+    def build(self, model, phase_index: int, step: int):
         acc, cfg = self.accelerator, self.cfg
-        stage = self.stages[stage_index]
+        phase = self.phases[phase_index]
         unwrapped = acc.unwrap_model(model)
-        if self.built:  # a stage boundary: drop accelerate's references to the old wrapper and optimizer
+        if self.builds:  # a phase boundary: drop accelerate's references to the old wrapper and optimizer
             acc.free_memory()
             gc.collect()
-        trainable = controls.stage_trainable(self.layout, self.allowed, stage) if self.staged else set(self.allowed)
-        if self.staged:
+        trainable = controls.phase_trainable(self.layout, self.allowed, phase) if self.phased else set(self.allowed)
+        if self.phased:
             if not trainable:
-                raise RecipeError(f"train.unfreeze[{stage.index}]: nothing trains in this stage (top_blocks="
-                                  f"{stage.top_blocks if stage.top_blocks is not None else 'all'}, method and "
+                raise RecipeError(f"train.unfreeze[{phase.index}]: nothing trains in this phase (top_blocks="
+                                  f"{phase.top_blocks if phase.top_blocks is not None else 'all'}, method and "
                                   "train.freeze leave only "
                                   f"{sorted(self.allowed)[:3]}{' ...' if len(self.allowed) > 3 else ''})")
             for name, param in unwrapped.named_parameters():
@@ -159,37 +158,38 @@ class _Optimization:
         params = dict(unwrapped.named_parameters())
         if self.caller_groups is not None:
             names = {id(p): n for n, p in params.items()}
-            groups = [controls.Group(f"group.{i}", g.get("lr", stage.lr) if isinstance(g, dict) else stage.lr,
+            groups = [controls.Group(f"group.{i}", g.get("lr", phase.lr) if isinstance(g, dict) else phase.lr,
                                      [names[id(p)] for p in (g["params"] if isinstance(g, dict) else [g])])
                       for i, g in enumerate(self.caller_groups)]
             optimizer = build_optimizer(unwrapped, cfg, self.caller_groups, offloaded=offloads_optimizer(acc))
         else:
-            groups = controls.param_groups(self.layout, trainable, stage.lr, cfg)
+            groups = controls.param_groups(self.layout, trainable, phase.lr, cfg)
             if not any(g.names for g in groups):
                 raise RecipeError("nothing to train: the method and train.freeze leave no trainable parameter")
             torch_groups = ([{"params": [params[n] for n in g.names], "lr": g.lr} for g in groups]
-                            if (self.staged or self.grouped) else None)  # None: the plain trainable list
-            optimizer = build_optimizer(unwrapped, cfg, torch_groups, offloaded=offloads_optimizer(acc), lr=stage.lr)
-        # the logged "lr" follows the stage's (or train.lr's) base rate even when group 0 runs at another
-        self.base_ratio = stage.lr / groups[0].lr if self.caller_groups is None and groups[0].lr else 1.0
-        self.scheduler_slot.scheduler = build_scheduler(optimizer, cfg, stage.steps)
+                            if (self.phased or self.grouped) else None)  # None: the plain trainable list
+            optimizer = build_optimizer(unwrapped, cfg, torch_groups, offloaded=offloads_optimizer(acc), lr=phase.lr)
+        # the logged "lr" follows the phase's (or train.lr's) base rate even when group 0 runs at another
+        self.base_ratio = phase.lr / groups[0].lr if self.caller_groups is None and groups[0].lr else 1.0
+        self.scheduler_slot.scheduler = build_scheduler(optimizer, cfg, phase.steps)
         model, optimizer = acc.prepare(unwrapped, optimizer)
-        self.built, self.stage = True, stage_index
+        self.phase = phase_index
         described = controls.describe_groups(groups, params)
-        build = {"step": step, "stage": stage_index, "stage_steps": [stage.start + 1, stage.end],
-                 "top_blocks": (stage.top_blocks if stage.top_blocks is not None else "all") if self.staged else None,
+        build = {"step": step, "phase": phase_index, "phase_steps": [phase.start + 1, phase.end],
+                 "top_blocks": (phase.top_blocks if phase.top_blocks is not None else "all") if self.phased else None,
                  "trainable_tensors": sum(g["tensors"] for g in described),
                  "trainable_params": sum(g["params"] for g in described), "groups": described}
-        where = (f"unfreeze stage {stage_index + 1}/{len(self.stages)} (steps {stage.start + 1}-{stage.end}): "
-                 if self.staged else "")
+        where = (f"unfreeze phase {phase_index + 1}/{len(self.phases)} (steps {phase.start + 1}-{phase.end}): "
+                 if self.phased else "")
         acc.print(f"ftl: optimizer {where}{build['trainable_params']:,} parameters in {len(described)} "
                   f"group{'s' if len(described) != 1 else ''}: {controls.groups_line(described)}")
         _append_to_manifest(acc, self.run_dir, "optimizer_builds", build)
-        return model, optimizer, build
+        self.builds.append(build)
+        return model, optimizer
 
 
 class _SchedulerSlot:
-    """A stable checkpointing handle for whichever scheduler the current stage uses."""
+    """A stable checkpointing handle for whichever scheduler the current phase uses."""
 
     scheduler = None
 
@@ -212,126 +212,200 @@ def fit(*, accelerator, model, cfg: TrainConfig, features: list[dict], collate: 
     `before_training(model)` runs on the prepared model before a fresh (not resumed) run's first step."""
     opt = _Optimization(accelerator, model, cfg, len(features), param_groups, run_dir)
     total = opt.total
-    stopper = controls.EarlyStopping(cfg.early_stopping)
-    if stopper.enabled and evaluate is None:
-        raise RecipeError("train.early_stopping.metric: this stage has no validation evaluation to stop on")
-
-    step, result, saved = 0, FitResult(steps=total), {}
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if ckpt is not None:
-        saved = read_state(ckpt)
-        step = saved["step"]
-    # the stage whose optimizer the checkpoint holds (a checkpoint at a boundary holds the earlier stage's)
-    stage = saved.get("unfreeze_stage", controls.stage_of_step(opt.stages, step))
-    model, optimizer, build = opt.build(model, stage, step)
-    result.optimizer_builds.append(build)
-    if ckpt is not None:
-        load_checkpoint(accelerator, ckpt)
-        stopper.restore(saved.get("early_stopping"))
-        result.resumed_from = step
-        accelerator.print(f"ftl: resumed from {ckpt} (step {step} of {total})")
-    elif before_training is not None:
-        before_training(model)
-
+    validation = Validation(accelerator, cfg, len(features), total, evaluate, eval_every, log, run_dir, save_model)
+    result = FitResult(steps=total, optimizer_builds=opt.builds)
+    model, optimizer, step = _start_or_resume(accelerator, model, opt, validation.stopper, run_dir, resume,
+                                              before_training, result)
     stop = StopRequest().install()
-    world = accelerator.num_processes
-    per_epoch = controls.micro_batches_per_epoch(len(features), cfg.batch_size, world)
-    batches = micro_batches(len(features), cfg.batch_size, world, accelerator.process_index, cfg.seed)
-    for _ in range(step * cfg.grad_accum):  # skip what the checkpointed run had consumed
-        next(batches)
+    batches = training_batches(accelerator, cfg, features, collate, done_steps=step)
 
     bar = _progress(total, step, enabled=progress and accelerator.is_main_process)
     model.train()
-    while step < total and not stopper.stopped:
-        if (upcoming := controls.stage_for_next_step(opt.stages, step)) != opt.stage:
-            model, optimizer, build = opt.build(model, upcoming, step)
-            result.optimizer_builds.append(build)
+    while step < total and not validation.stopper.stopped:
+        if (upcoming := controls.phase_for_next_step(opt.phases, step)) != opt.phase:
+            model, optimizer = opt.build(model, upcoming, step)
             model.train()
-        started, losses, tokens, targets = time.perf_counter(), [], 0, 0
-        for _ in range(cfg.grad_accum):
-            epoch, indices = next(batches)
-            rows = [features[i] for i in indices]
-            batch = {k: v.to(accelerator.device) for k, v in collate(rows).items()}
-            with accelerator.accumulate(model):
-                loss, n_targets = loss_fn(model, batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.grad_clip:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    opt.scheduler.step()
-                optimizer.zero_grad()
-            losses.append(loss.detach().float())
-            tokens += sum(len(v) for r in rows for k, v in r.items() if k.endswith("input_ids"))  # no padding
-            targets += n_targets
+        started = time.perf_counter()
+        done = accumulate(accelerator, model, optimizer, opt.scheduler, batches, loss_fn, cfg)
         step += 1
-        stats = torch.tensor([torch.stack(losses).mean().item(), float(tokens), float(targets)],
-                             device=accelerator.device)
-        stats = accelerator.reduce(stats, reduction="sum") if accelerator.num_processes > 1 else stats
-        record = {"step": step, "epoch": epoch, "loss": stats[0].item() / accelerator.num_processes,
-                  "lr": opt.lr(), "tokens": int(stats[1].item()),
-                  "trained_tokens": int(stats[2].item()),
-                  "step_time": time.perf_counter() - started}
-        if opt.staged:
-            record["unfreeze_stage"] = opt.stage
+        record = step_record(accelerator, step, done, opt.lr(), opt.phase if opt.phased else None, started)
         if step % cfg.log_every == 0 or step == total:
             log(record)
             result.history.append(record)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
-        epoch_end = (step * cfg.grad_accum) // per_epoch > ((step - 1) * cfg.grad_accum) // per_epoch or step == total
-        evaluated = None
-        if stopper.enabled and epoch_end:
-            evaluated = _epoch_evaluation(accelerator, model, evaluate, stopper, step,
-                                          math.ceil(step * cfg.grad_accum / per_epoch), log, run_dir, save_model)
-            model.train()
-        if evaluate is not None and eval_every and step % eval_every == 0 and step < total and evaluated is None:
-            log({"step": step, **{f"eval/{k}": v for k, v in evaluate(model).items()}})
-            model.train()
-        stopping = stop.agreed(accelerator)
-        if (stopping or (cfg.save_every and step % cfg.save_every == 0) or step == total or stopper.stopped
-                or evaluated is not None):
-            state = {"step": step, "total": total, "unfreeze_stage": opt.stage}
-            if stopper.enabled:
-                state["early_stopping"] = stopper.state()
-            save_checkpoint(accelerator, run_dir, step, state, keep=cfg.keep_checkpoints)
-        if stopper.stopped:
-            accelerator.print(f"ftl: early stopping at step {step}: validation {cfg.early_stopping.metric} did not "
-                              f"improve for {cfg.early_stopping.patience} epochs (best {stopper.best:.6g} at epoch "
-                              f"{stopper.best_epoch}, kept in {run_dir / BEST_DIR})")
-            result.stopped_early = True
-            break
-        if stopping and step < total:
-            accelerator.print(f"ftl: {stop.signal_name or 'stop signal'} received: checkpoint saved at "
-                              f"step {step}; rerun with --resume to continue")
+        epoch_evaluated = validation.after_step(model, step)
+        state = {"step": step, "total": total, "unfreeze_phase": opt.phase, **validation.checkpoint_state()}
+        if checkpoint_and_maybe_stop(accelerator, run_dir, step, state, cfg, stop, force=epoch_evaluated,
+                                     last=step == total or validation.stopper.stopped):
             result.interrupted = True
+            break
+        if validation.stops_early(step):
             break
     if bar is not None:
         bar.close()
     result.steps = step
-    if stopper.enabled:
-        result.early_stopping = stopper.state()
-        result.stopped_early = stopper.stopped
+    if validation.stopper.enabled:
+        result.early_stopping = validation.stopper.state()
+        result.stopped_early = validation.stopper.stopped
     return model, result
 
 
-def _epoch_evaluation(accelerator, model, evaluate, stopper, step: int, epoch: int, log, run_dir: Path,
-                      save_model) -> dict:
-    """Evaluate at an epoch end; on improvement write best/ (before the checkpoint that records it, so a
-    kill in between redoes the epoch and rewrites the same best/)."""
-    metrics = evaluate(model)
-    value = stopper.value_from(metrics)
-    improved = stopper.update(value, epoch, step)
-    log({"step": step, "epoch": epoch, **{f"eval/{k}": v for k, v in metrics.items()}})
-    if improved:
-        _save_best(accelerator, model, run_dir, save_model,
-                   {"epoch": epoch, "step": step, "metric": stopper.cfg.metric, "value": value})
-    state = stopper.state()
-    accelerator.print(f"ftl: epoch {epoch} (step {step}): validation {stopper.cfg.metric} {value:.6g}"
-                      f"{' (best so far)' if improved else f', no improvement for {stopper.bad_epochs} epoch(s)'}")
-    _set_in_manifest(accelerator, run_dir, "early_stopping", {k: v for k, v in state.items() if k != "history"})
-    return metrics
+def _start_or_resume(accelerator, model, opt: _Optimization, stopper: controls.EarlyStopping, run_dir: Path,
+                     resume: bool, before_training, result: FitResult):
+    """Build the optimizer where the run starts: a fresh run's first phase, or the latest checkpoint's
+    phase with the checkpoint (model, optimizer, scheduler, RNG, early stopping) loaded into it."""
+    step, saved = 0, {}
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt is not None:
+        saved = read_state(ckpt)
+        step = saved["step"]
+    # the phase whose optimizer the checkpoint holds (a checkpoint at a boundary holds the earlier phase's)
+    phase = saved.get("unfreeze_phase", controls.phase_of_step(opt.phases, step))
+    model, optimizer = opt.build(model, phase, step)
+    if ckpt is not None:
+        load_checkpoint(accelerator, ckpt)
+        stopper.restore(saved.get("early_stopping"))
+        result.resumed_from = step
+        accelerator.print(f"ftl: resumed from {ckpt} (step {step} of {opt.total})")
+    elif before_training is not None:
+        before_training(model)
+    return model, optimizer, step
+
+
+def training_batches(accelerator, cfg: TrainConfig, features: list[dict], collate, done_steps: int = 0
+                     ) -> Iterator[tuple[int, list[dict], dict]]:
+    """This rank's micro-batches as (epoch, rows, collated batch on the device), after skipping those the
+    first `done_steps` optimizer steps consumed (what a resumed run's checkpoint had trained on)."""
+    batches = micro_batches(len(features), cfg.batch_size, accelerator.num_processes, accelerator.process_index,
+                            cfg.seed)
+    for _ in range(done_steps * cfg.grad_accum):
+        next(batches)
+
+    def collated():
+        for epoch, indices in batches:
+            rows = [features[i] for i in indices]
+            yield epoch, rows, {k: v.to(accelerator.device) for k, v in collate(rows).items()}
+
+    return collated()
+
+
+@dataclass
+class Accumulated:
+    """What one optimizer step's micro-batches did on this rank."""
+
+    losses: list[torch.Tensor]  # one mean loss per micro-batch
+    tokens: int                 # input tokens, padding not counted
+    targets: int                # tokens the loss counted
+    epoch: int                  # the epoch of the last micro-batch
+
+
+def accumulate(accelerator, model, optimizer, scheduler, batches, loss_fn: LossFn, cfg: TrainConfig) -> Accumulated:
+    """One optimizer step: forward and backward over train.grad_accum micro-batches. accelerate's prepared
+    optimizer steps (after clipping) only where gradients sync, the last micro-batch; the scheduler with it."""
+    losses, tokens, targets = [], 0, 0
+    for _ in range(cfg.grad_accum):
+        epoch, rows, batch = next(batches)
+        with accelerator.accumulate(model):
+            loss, n_targets = loss_fn(model, batch)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            if accelerator.sync_gradients:
+                scheduler.step()
+            optimizer.zero_grad()
+        losses.append(loss.detach().float())
+        tokens += sum(len(v) for r in rows for k, v in r.items() if k.endswith("input_ids"))  # no padding
+        targets += n_targets
+    return Accumulated(losses, tokens, targets, epoch)
+
+
+def step_record(accelerator, step: int, done: Accumulated, lr: float, phase: Optional[int], started: float) -> dict:
+    """The step's metrics record: loss averaged over ranks, tokens and trained tokens summed over them."""
+    stats = torch.tensor([torch.stack(done.losses).mean().item(), float(done.tokens), float(done.targets)],
+                         device=accelerator.device)
+    stats = accelerator.reduce(stats, reduction="sum") if accelerator.num_processes > 1 else stats
+    record = {"step": step, "epoch": done.epoch, "loss": stats[0].item() / accelerator.num_processes,
+              "lr": lr, "tokens": int(stats[1].item()),
+              "trained_tokens": int(stats[2].item()),
+              "step_time": time.perf_counter() - started}
+    if phase is not None:
+        record["unfreeze_phase"] = phase
+    return record
+
+
+def checkpoint_and_maybe_stop(accelerator, run_dir: Path, step: int, state: dict, cfg: TrainConfig,
+                              stop: StopRequest, *, last: bool, force: bool = False) -> bool:
+    """The end of every optimizer step in ftl's own loops (fit, PPO). All ranks agree whether a stop
+    signal arrived; the step is checkpointed (with `state`) when one did, every train.save_every steps,
+    at the run's `last` step, or when `force`d. True when the signal stops the run before its last step."""
+    stopping = stop.agreed(accelerator)
+    if stopping or force or last or (cfg.save_every and step % cfg.save_every == 0):
+        save_checkpoint(accelerator, run_dir, step, state, keep=cfg.keep_checkpoints)
+    if stopping and not last:
+        accelerator.print(f"ftl: {stop.signal_name or 'stop signal'} received: checkpoint saved at "
+                          f"step {step}; rerun with --resume to continue")
+        return True
+    return False
+
+
+class Validation:
+    """Validation while training: every `eval_every` steps and, with train.early_stopping, at every epoch
+    end, where an improvement is kept in best/ and `patience` epochs without one stop the run."""
+
+    def __init__(self, accelerator, cfg: TrainConfig, n_examples: int, total: int, evaluate, eval_every,
+                 log, run_dir: Path, save_model):
+        self.stopper = controls.EarlyStopping(cfg.early_stopping)
+        if self.stopper.enabled and evaluate is None:
+            raise RecipeError("train.early_stopping.metric: this stage has no validation evaluation to stop on")
+        self.accelerator, self.cfg, self.total, self.evaluate, self.eval_every = (accelerator, cfg, total, evaluate,
+                                                                                  eval_every)
+        self.log, self.run_dir, self.save_model = log, run_dir, save_model
+        self.per_epoch = controls.micro_batches_per_epoch(n_examples, cfg.batch_size, accelerator.num_processes)
+
+    def after_step(self, model, step: int) -> bool:
+        """Evaluate when due; True when an epoch-end evaluation ran (the checkpoint of this step records it)."""
+        accum, per_epoch = self.cfg.grad_accum, self.per_epoch
+        epoch_end = (step * accum) // per_epoch > ((step - 1) * accum) // per_epoch or step == self.total
+        if self.stopper.enabled and epoch_end:
+            self._epoch_end(model, step, math.ceil(step * accum / per_epoch))
+            model.train()
+            return True
+        if self.evaluate is not None and self.eval_every and step % self.eval_every == 0 and step < self.total:
+            self.log({"step": step, **{f"eval/{k}": v for k, v in self.evaluate(model).items()}})
+            model.train()
+        return False
+
+    def _epoch_end(self, model, step: int, epoch: int) -> None:
+        """Evaluate at an epoch end; on improvement write best/ (before the checkpoint that records it, so a
+        kill in between redoes the epoch and rewrites the same best/)."""
+        accelerator, stopper = self.accelerator, self.stopper
+        metrics = self.evaluate(model)
+        value = stopper.value_from(metrics)
+        improved = stopper.update(value, epoch, step)
+        self.log({"step": step, "epoch": epoch, **{f"eval/{k}": v for k, v in metrics.items()}})
+        if improved:
+            _save_best(accelerator, model, self.run_dir, self.save_model,
+                       {"epoch": epoch, "step": step, "metric": stopper.cfg.metric, "value": value})
+        state = stopper.state()
+        accelerator.print(f"ftl: epoch {epoch} (step {step}): validation {stopper.cfg.metric} {value:.6g}"
+                          f"{' (best so far)' if improved else f', no improvement for {stopper.bad_epochs} epoch(s)'}")
+        _set_in_manifest(accelerator, self.run_dir, "early_stopping", {k: v for k, v in state.items() if k != "history"})
+
+    def checkpoint_state(self) -> dict:
+        """What a checkpoint carries for early stopping (nothing without it)."""
+        return {"early_stopping": self.stopper.state()} if self.stopper.enabled else {}
+
+    def stops_early(self, step: int) -> bool:
+        if not self.stopper.stopped:
+            return False
+        stopper, cfg = self.stopper, self.cfg.early_stopping
+        self.accelerator.print(f"ftl: early stopping at step {step}: validation {cfg.metric} did not improve for "
+                               f"{cfg.patience} epochs (best {stopper.best:.6g} at epoch {stopper.best_epoch}, "
+                               f"kept in {self.run_dir / BEST_DIR})")
+        return True
 
 
 def _save_best(accelerator, model, run_dir: Path, save_model, info: dict) -> None:
@@ -357,22 +431,18 @@ def _save_best(accelerator, model, run_dir: Path, save_model, info: dict) -> Non
 def _append_to_manifest(accelerator, run_dir: Path, key: str, value) -> None:
     path = run_dir / MANIFEST_FILE
     if accelerator.is_main_process and path.exists():
-        from ftl.track.manifest import update_manifest
-
         update_manifest(path, **{key: json.loads(path.read_text()).get(key, []) + [value]})
 
 
 def _set_in_manifest(accelerator, run_dir: Path, key: str, value) -> None:
     path = run_dir / MANIFEST_FILE
     if accelerator.is_main_process and path.exists():
-        from ftl.track.manifest import update_manifest
-
         update_manifest(path, **{key: value})
 
 
 def _progress(total: int, initial: int, enabled: bool):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # local: only the main process shows a bar
 
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)

@@ -8,61 +8,25 @@ A LoRA policy's reference is the same model with its adapter disabled (no second
 
 from __future__ import annotations
 
-import copy
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from ftl.config.schema import Recipe
 from ftl.data.tokenize import generation_prompt
-from ftl.methods import MERGEABLE, QUANT_BITS
-from ftl.models.load import load_model, without_zero_init
-from ftl.stages.ppo import maths
-from ftl.stages.ppo.rollout import RewardFunction, Rollout, collect, response_logprobs, response_values
-from ftl.stages.session import RunSession
-from ftl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ftl.errors import RecipeError
+from ftl.models.load import load_model
+from ftl.rl import maths
+from ftl.rl.compare import compare_policies
+from ftl.rl.reference import Reference
+from ftl.rl.reward import load_reward
+from ftl.rl.rollout import Rollout, collect, response_logprobs, response_values
+from ftl.stages.session import RunSession
+from ftl.train.checkpoint import latest_checkpoint, load_checkpoint
 from ftl.train.distributed import is_sharded
-from ftl.train.loop import micro_batches
+from ftl.train.loop import FitResult, checkpoint_and_maybe_stop, micro_batches
 from ftl.train.signals import StopRequest
-
-
-class Reference:
-    """The frozen reference policy: the adapter-disabled policy for LoRA-family methods (no second copy
-    in memory), else a frozen copy of the initial policy."""
-
-    def __init__(self, accelerator, policy, method_kind: str):
-        self.unwrapped = accelerator.unwrap_model(policy)
-        self.kind = self.kind_for(method_kind)
-        self.shares_weights = self.kind == "disabled_adapter"
-        self.frozen = None if self.shares_weights else \
-            copy.deepcopy(self.unwrapped).eval().requires_grad_(False)
-
-    @classmethod
-    def frozen_model(cls, model) -> "Reference":
-        """A reference that is the given (already frozen) model, e.g. the initial policy of a DPO run."""
-        reference = cls.__new__(cls)
-        reference.unwrapped, reference.frozen = model, model.requires_grad_(False)
-        reference.kind, reference.shares_weights = "copy", False
-        return reference
-
-    @staticmethod
-    def kind_for(method_kind: str) -> str:
-        return "disabled_adapter" if method_kind in MERGEABLE - {"ia3"} else "copy"
-
-    @contextmanager
-    def model(self):
-        if self.shares_weights:
-            with self.unwrapped.disable_adapter():
-                yield self.unwrapped
-        else:
-            yield self.frozen
-
-    def logprobs(self, sequences, mask, pos, prompt_length: int, temperature: float) -> torch.Tensor:
-        with self.model() as model:
-            return response_logprobs(model, sequences, mask, pos, prompt_length, temperature)
 
 
 class PolicyAndValue(torch.nn.Module):
@@ -91,7 +55,7 @@ def ppo_step(accelerator, policy, value_model, optimizer, rollout: Rollout, adva
             idx = order[start:start + cfg.mini_batch].to(rollout.sequences.device)
             seq, mask, pos = rollout.sequences[idx], rollout.attention_mask[idx], rollout.position_ids[idx]
             resp_mask = rollout.response_mask[idx]
-            logprobs, entropy = response_logprobs(policy, seq, mask, pos, rollout.prompt_length, cfg.temperature,
+            logprobs, entropy = response_logprobs(policy, seq, mask, pos, rollout.prompt_length, rollout.temperature,
                                                   with_entropy=True)
             values = response_values(value_model, seq, mask, pos, rollout.prompt_length)
             pg_loss, clip_fraction = maths.policy_loss(logprobs, rollout.logprobs[idx], advantages[idx], resp_mask,
@@ -120,89 +84,98 @@ def advantages_for(rollout: Rollout, cfg):
     return advantages, returns, kl.sum(-1)
 
 
-def run_ppo(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
-    from ftl.stages.ppo.evaluate import compare_policies
+def check_iterations(recipe: Recipe) -> None:
+    """PPO runs train.max_steps iterations (1 without it): a recipe's train.epochs is refused, not ignored."""
+    if "epochs" in recipe.train.model_fields_set and recipe.train.max_steps is None:
+        raise RecipeError("train.epochs: PPO counts iterations (rollout + PPO epochs), not passes over the "
+                          "prompts; set train.max_steps")
 
-    cfg = recipe.ppo
+
+def run_ppo(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
+    check_iterations(recipe)
     session = RunSession(recipe, run_dir, resume)
     acc = session.accelerator
-    splits = session.load_data()
-    tokenizer = session.tokenizer(splits.train)
-    system = recipe.data.system_prompt
-    prompts = [generation_prompt(tokenizer, r, system)[0] for r in splits.train]
-    held_out = [generation_prompt(tokenizer, r, system)[0] for r in splits.validation[: recipe.eval.max_examples]]
+    splits, tokenizer = session.open()
+    prompts = [generation_prompt(tokenizer, r, recipe.data.system_prompt)[0] for r in splits.train]
+    held_out = [generation_prompt(tokenizer, r, recipe.data.system_prompt)[0]
+                for r in session.validation_records(splits)]
+    models = PPOModels.prepare(session, tokenizer)
 
-    base_dir = session.base_dir(tokenizer)
-    session.manifest_fields["ppo"] = {"reference": Reference.kind_for(recipe.method.kind), "reward": cfg.reward.kind}
-    policy = session.apply_method(load_model(recipe.model, base_dir, QUANT_BITS.get(recipe.method.kind),
-                                             recipe.method.quant))
-    sharded = is_sharded(acc)
-    if sharded and Reference.kind_for(recipe.method.kind) != "disabled_adapter":
-        raise RecipeError("PPO under ZeRO-3 needs a LoRA-family policy (method.kind lora/dora/qlora): its reference "
-                          "is the adapter-disabled model; a partitioned model cannot be copied")
-    reward_model = None
-    if cfg.reward.kind == "model":
-        with without_zero_init():
-            reward_model = load_model(recipe.model.model_copy(update={"gradient_checkpointing": False}),
-                                      Path(cfg.reward.path), head="sequence_classification").eval()
-        reward_model.requires_grad_(False)
-    reward = RewardFunction(reward_model, cfg.reward.function, cfg.reward.kwargs)
-    value_dir = Path(cfg.reward.path) if (cfg.value_from == "reward" and cfg.reward.kind == "model") else base_dir
-    value_model = load_model(recipe.model.model_copy(update={"gradient_checkpointing": False}), value_dir,
-                             head="sequence_classification")
-    value_model.config.pad_token_id = tokenizer.pad_token_id
-
-    train_cfg = recipe.train
-    params = [p for p in list(policy.parameters()) + list(value_model.parameters()) if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
-                                  betas=tuple(train_cfg.betas))
-    if sharded:
-        engine, optimizer = acc.prepare(PolicyAndValue(policy, value_model), optimizer)
-        policy, value_model = engine.module.policy, engine.module.value
-        trained = engine
-    else:
-        policy, value_model, optimizer = acc.prepare(policy, value_model, optimizer)
-        trained = policy
-    if reward_model is not None:
-        reward_model.to(acc.device)
-    reference = Reference(acc, policy, recipe.method.kind)
-
-    step, total = 0, train_cfg.max_steps or 1
-    if resume and (ckpt := latest_checkpoint(run_dir)) is not None:
-        step = load_checkpoint(acc, ckpt)["step"]
-    batches = micro_batches(len(prompts), cfg.rollout_batch, acc.num_processes, acc.process_index, train_cfg.seed)
-    for _ in range(step):
+    step, total = 0, recipe.train.max_steps or 1
+    if resume and (checkpoint := latest_checkpoint(run_dir)) is not None:
+        step = load_checkpoint(acc, checkpoint)["step"]
+    batches = micro_batches(len(prompts), recipe.ppo.rollout_batch, acc.num_processes, acc.process_index,
+                            recipe.train.seed)
+    for _ in range(step):  # skip the prompt batches the checkpointed run had used
         next(batches)
     stop = StopRequest().install()
-    unwrapped = acc.unwrap_model(policy)
     while step < total:
         _, indices = next(batches)
-        rollout = collect(unwrapped, reference, value_model, reward, tokenizer, [prompts[i] for i in indices],
-                          cfg, acc.device)
-        advantages, returns, kl = advantages_for(rollout, cfg)
-        started = time.perf_counter()
-        stats = ppo_step(acc, policy, value_model, optimizer, rollout, advantages, returns, cfg, train_cfg.grad_clip,
-                         seed=train_cfg.seed * 100003 + step)
-        train_seconds = time.perf_counter() - started
+        session.log(ppo_iteration(session, models, tokenizer, [prompts[i] for i in indices], step))
         step += 1
-        stats.update(reward=rollout.scores.mean(), kl=kl.mean(), response_length=rollout.response_mask.sum(-1).mean(),
-                     eos_fraction=rollout.has_eos.float().mean())
-        values = torch.stack([v.to(acc.device).float() for v in stats.values()])
-        values = acc.reduce(values, reduction="mean") if acc.num_processes > 1 else values
-        record = {"step": step, **{k: v.item() for k, v in zip(stats, values)},
-                  "generation_seconds": rollout.generation_seconds, "training_seconds": train_seconds,
-                  "episodes": len(indices) * acc.num_processes, "lr": train_cfg.lr}
-        session.log(record)
-        stopping = stop.agreed(acc)
-        if stopping or (train_cfg.save_every and step % train_cfg.save_every == 0) or step == total:
-            save_checkpoint(acc, run_dir, step, {"step": step, "total": total}, keep=train_cfg.keep_checkpoints)
-        if stopping and step < total:
-            acc.print(f"ftl: {stop.signal_name} received: checkpoint saved at step {step}; rerun with --resume")
+        if checkpoint_and_maybe_stop(acc, run_dir, step, {"step": step, "total": total}, recipe.train, stop,
+                                     last=step == total):
             break
 
-    from ftl.train.loop import FitResult
-
     result = FitResult(steps=step, interrupted=step < total)
-    return session.finish(trained, tokenizer, result,
-                          lambda: compare_policies(acc, unwrapped, reference, reward, tokenizer, held_out, cfg),
-                          part="policy" if sharded else None)
+    return session.finish(models.trained, tokenizer, result,
+                          lambda: compare_policies(acc, models.unwrapped_policy, models.reference, models.reward,
+                                                   tokenizer, held_out, recipe.sampling),
+                          part="policy" if models.sharded else None)
+
+
+class PPOModels:
+    """The policy (the recipe's method on the base), its value model, reward and frozen reference, prepared
+    by accelerate: under ZeRO-3 policy and value share one engine (`trained`), else the policy is `trained`."""
+
+    @classmethod
+    def prepare(cls, session: RunSession, tokenizer) -> "PPOModels":
+        recipe, acc = session.recipe, session.accelerator
+        self = cls()
+        reference_kind = Reference.kind_for(recipe.method.kind)
+        session.record("ppo", {"reference": reference_kind, "reward": recipe.reward.kind})
+        self.sharded = is_sharded(acc)
+        if self.sharded and reference_kind != "disabled_adapter":
+            raise RecipeError("PPO under ZeRO-3 needs a LoRA-family policy (method.kind lora/dora/qlora): its "
+                              "reference is the adapter-disabled model; a partitioned model cannot be copied")
+        policy = session.prepare_model(tokenizer)
+        self.reward = load_reward(recipe)  # on the CPU until the engines are prepared
+        from_reward = recipe.ppo.value_from == "reward" and recipe.reward.kind == "model"
+        value_dir = Path(recipe.reward.path) if from_reward else session.base_dir(tokenizer)
+        value = load_model(recipe.model.model_copy(update={"gradient_checkpointing": False}), value_dir,
+                           head="sequence_classification")
+        value.config.pad_token_id = tokenizer.pad_token_id
+        t = recipe.train
+        params = [p for p in list(policy.parameters()) + list(value.parameters()) if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
+        if self.sharded:
+            engine, self.optimizer = acc.prepare(PolicyAndValue(policy, value), optimizer)
+            self.policy, self.value, self.trained = engine.module.policy, engine.module.value, engine
+        else:
+            self.policy, self.value, self.optimizer = acc.prepare(policy, value, optimizer)
+            self.trained = self.policy
+        if self.reward.model is not None:
+            self.reward.model.to(acc.device)
+        self.reference = Reference(acc, self.policy, recipe.method.kind)
+        self.unwrapped_policy = acc.unwrap_model(self.policy)
+        return self
+
+
+def ppo_iteration(session: RunSession, models: PPOModels, tokenizer, prompts: list[str], step: int) -> dict:
+    """One PPO iteration: sample and score a rollout, then several epochs of clipped updates; returns the
+    metrics record of optimizer step `step + 1`, averaged over ranks."""
+    recipe, acc = session.recipe, session.accelerator
+    rollout = collect(models.unwrapped_policy, models.reference, models.value, models.reward, tokenizer, prompts,
+                      recipe.sampling, acc.device)
+    advantages, returns, kl = advantages_for(rollout, recipe.ppo)
+    started = time.perf_counter()
+    stats = ppo_step(acc, models.policy, models.value, models.optimizer, rollout, advantages, returns, recipe.ppo,
+                     recipe.train.grad_clip, seed=recipe.train.seed * 100003 + step)
+    train_seconds = time.perf_counter() - started
+    stats.update(reward=rollout.scores.mean(), kl=kl.mean(), response_length=rollout.response_mask.sum(-1).mean(),
+                 eos_fraction=rollout.has_eos.float().mean())
+    values = torch.stack([v.to(acc.device).float() for v in stats.values()])
+    values = acc.reduce(values, reduction="mean") if acc.num_processes > 1 else values
+    return {"step": step + 1, **{k: v.item() for k, v in zip(stats, values)},
+            "generation_seconds": rollout.generation_seconds, "training_seconds": train_seconds,
+            "episodes": len(prompts) * acc.num_processes, "lr": recipe.train.lr}

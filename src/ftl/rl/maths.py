@@ -1,4 +1,5 @@
-"""PPO's arithmetic on per-token tensors [batch, response_length] with a 0/1 mask of real tokens.
+"""Policy-gradient arithmetic on per-token tensors [batch, response_length] with a 0/1 mask of real
+tokens: masked statistics, whitening, KL estimates, per-token rewards, GAE, PPO's clipped losses, entropy.
 
 Pure functions, unit-tested against hand-computed values (tests/test_ppo_maths.py).
 """

@@ -1,7 +1,8 @@
-"""Reward functions of the response text, for `ppo.reward: {kind: function, function: "module:name"}`.
+"""Reward functions of the response text, for `reward: {kind: function, function: "module:name"}`,
+e.g. "ftl.rl.reward_functions:count_substring".
 
-A reward function takes the list of decoded responses (and the recipe's `ppo.reward.kwargs`) and
-returns one float per response. These known functions make PPO testable without a reward model.
+A reward function takes the list of decoded responses (and the recipe's `reward.kwargs`) and returns
+one float per response. These known functions make PPO and GRPO testable without a reward model.
 """
 
 from __future__ import annotations

@@ -1,40 +1,24 @@
-"""Policy vs reference (the SFT model) on held-out prompts: reward, win rate, KL, samples side by side."""
+"""Policy vs reference on held-out prompts: reward, win rate, KL, samples side by side. PPO compares with
+its own reference; DPO and GRPO with the model they started from, in the same terms."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from ftl.stages.ppo.rollout import left_padded, positions, response_mask
+from ftl.config.schema import Recipe, SamplingConfig
+from ftl.data.tokenize import generation_prompt
+from ftl.rl.reference import Reference, load_frozen
+from ftl.rl.reward import RewardFunction
+from ftl.rl.rollout import Responses, sample_responses
 
 
-@dataclass
-class Responses:
-    sequences: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    prompt_length: int
-    mask: torch.Tensor       # response tokens up to and including the first EOS
-    texts: list[str]
-    has_eos: torch.Tensor
-
-
-@torch.no_grad()
-def sampled_responses(model, tokenizer, prompts: list[str], cfg, device, seed: int = 0) -> Responses:
+def sampled_responses(model, tokenizer, prompts: list[str], sampling: SamplingConfig, device,
+                      seed: int = 0) -> Responses:
     """Sampled as in training (temperature, top-k), from a fixed seed so both models draw alike."""
-    batch = left_padded(tokenizer, prompts, device)
-    model.eval()
     torch.manual_seed(seed)
-    sequences = model.generate(**batch, do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k,
-                               top_p=1.0, max_new_tokens=cfg.max_new_tokens, use_cache=True,
-                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    prompt_length = batch["input_ids"].shape[1]
-    mask, has_eos = response_mask(sequences[:, prompt_length:], tokenizer.eos_token_id)
-    attention = torch.cat([batch["attention_mask"], mask], dim=1)
-    texts = tokenizer.batch_decode(sequences[:, prompt_length:] * mask + tokenizer.pad_token_id * (1 - mask),
-                                   skip_special_tokens=True)
-    return Responses(sequences, attention, positions(attention), prompt_length, mask.float(), texts, has_eos)
+    return sample_responses(model, tokenizer, prompts, sampling, device)
 
 
 def response_log_softmax(model, r: Responses) -> torch.Tensor:
@@ -44,17 +28,17 @@ def response_log_softmax(model, r: Responses) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compare_policies(accelerator, policy, reference, reward, tokenizer, prompts: list[str], cfg,
-                     samples: int = 4, repeats: int = 4) -> dict:
+def compare_policies(accelerator, policy, reference: Reference, reward: RewardFunction, tokenizer,
+                     prompts: list[str], sampling: SamplingConfig, samples: int = 4, repeats: int = 4) -> dict:
     """Sampled responses of both on the same prompts (repeated `repeats` times). KL is exact per token (full
     distributions) along the policy's responses, summed over each response. Every rank runs it alike."""
     if not prompts:
         return {}
     prompts = prompts * repeats
     device = accelerator.device
-    policy_out = sampled_responses(policy, tokenizer, prompts, cfg, device)
+    policy_out = sampled_responses(policy, tokenizer, prompts, sampling, device)
     with reference.model() as ref_model:
-        ref_out = sampled_responses(ref_model, tokenizer, prompts, cfg, device)
+        ref_out = sampled_responses(ref_model, tokenizer, prompts, sampling, device)
         ref_logp = response_log_softmax(ref_model, policy_out)
     policy_logp = response_log_softmax(policy, policy_out)
     kl = ((policy_logp.exp() * (policy_logp - ref_logp)).sum(-1) * policy_out.mask).sum(-1)
@@ -62,9 +46,7 @@ def compare_policies(accelerator, policy, reference, reward, tokenizer, prompts:
     def scores(r: Responses) -> tuple[torch.Tensor, torch.Tensor]:
         """(as optimised: score + missing-EOS penalty, the reward model / function alone)"""
         raw = reward(r.sequences, r.attention_mask, r.position_ids, r.texts).float()
-        if cfg.missing_eos_penalty is None:
-            return raw, raw
-        return torch.where(r.has_eos, raw, raw + cfg.missing_eos_penalty), raw
+        return reward.with_eos_penalty(raw, r.has_eos), raw
 
     (policy_scores, policy_raw), (ref_scores, ref_raw) = scores(policy_out), scores(ref_out)
     return {
@@ -81,3 +63,13 @@ def compare_policies(accelerator, policy, reference, reward, tokenizer, prompts:
                      "reward_reference": ref_scores[i].item(), "reward_policy": policy_scores[i].item()}
                     for i in range(min(samples, len(prompts)))],
     }
+
+
+def compare_with_initial(accelerator, policy, initial_dir: Path, tokenizer, recipe: Recipe,
+                         validation: list[dict], reward: RewardFunction) -> dict:
+    """A trained policy (DPO, GRPO) against the model it started from (`initial_dir`), exactly as PPO
+    reports it."""
+    initial = load_frozen(recipe, initial_dir).to(accelerator.device)
+    prompts = [generation_prompt(tokenizer, r, recipe.data.system_prompt)[0] for r in validation]
+    return compare_policies(accelerator, accelerator.unwrap_model(policy), Reference.frozen_model(initial), reward,
+                            tokenizer, prompts, recipe.sampling)

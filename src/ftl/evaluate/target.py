@@ -1,17 +1,24 @@
-"""`ftl eval RUN_DIR|MODEL`: the shared evaluation on a finished run or any local model folder."""
+"""Evaluate a target, what `ftl eval TARGET` runs: a finished run directory (its final model, on its
+validation split or given data) or any local model folder (on given data). Writes eval.json/eval.md
+with the language-model loss and a few generations. Imported only by that command, so torch and
+transformers load at module level.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from ftl import run_dir as layout
-from ftl.config.schema import DataConfig
+from ftl.config.schema import DataConfig, Recipe
 from ftl.data import load_splits
-from ftl.errors import FtlError
 from ftl.data.tokenize import encode_records
+from ftl.errors import FtlError
 from ftl.evaluate.generate import generate_samples, sample_prompts
 from ftl.evaluate.lm import lm_loss
 from ftl.evaluate.report import write_report
+from ftl.models.trained import load_trained_causal_lm
 
 SUFFIX_KIND = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -29,19 +36,13 @@ def data_config_for_file(path: str, fmt: str, like: DataConfig | None) -> DataCo
 
 def evaluate_target(target: str, data: str | None = None, fmt: str | None = None, split: str = "validation",
                     out: str | None = None, max_new_tokens: int = 24, samples: int = 3) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = Path(target)
     if (path / layout.RECIPE_FILE).exists():
-        from ftl.models.trained import load_trained_causal_lm
-
         model, tokenizer, recipe = load_trained_causal_lm(path)
         data_cfg = data_config_for_file(data, fmt, recipe.data) if data else recipe.data
     elif (path / "config.json").exists():
         if not (data and fmt):
             raise FtlError(f"{target} is a model folder: give --data FILE and --format FORMAT")
-        from ftl.config.schema import Recipe
-
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         data_cfg = data_config_for_file(data, fmt, None)

@@ -1,0 +1,108 @@
+"""Rollouts: sample responses to prompts, then score them with the policy, the reference, the value model
+and the reward. The sampling (`sample_responses`) is the one the end-of-run comparison draws with too."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ftl.config.schema import SamplingConfig
+from ftl.models.scoring import token_scores
+from ftl.rl.maths import entropy_from_logits
+
+
+@dataclass
+class Responses:
+    """One sampled response per left-padded prompt, masked after its first EOS."""
+
+    sequences: torch.Tensor      # [B, P + R] left-padded prompt + response
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    prompt_length: int
+    mask: torch.Tensor           # [B, R] 1 up to and including the first EOS (float)
+    texts: list[str]
+    has_eos: torch.Tensor
+
+
+@dataclass
+class Rollout(Responses):
+    """Sampled responses scored for a policy-gradient update."""
+
+    logprobs: torch.Tensor       # [B, R] under the policy that sampled
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor         # [B] reward per sequence (after the missing-EOS penalty)
+    generation_seconds: float
+    temperature: float           # sampled at; log-probabilities of later updates use the same
+
+    @property
+    def response_mask(self) -> torch.Tensor:
+        return self.mask
+
+
+def left_padded(tokenizer, prompts: list[str], device) -> dict:
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = side
+    return {"input_ids": enc.input_ids.to(device), "attention_mask": enc.attention_mask.to(device)}
+
+
+def response_mask(response: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    is_eos = response == eos_id
+    after_first_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0
+    return (~after_first_eos).long(), is_eos.any(-1)
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def response_logprobs(model, sequences, attention_mask, position_ids, prompt_length: int,
+                      temperature: float, with_entropy: bool = False):
+    logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False).logits[:, prompt_length - 1:-1].float() / temperature
+    targets = sequences[:, prompt_length:]
+    logprobs = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (logprobs, entropy_from_logits(logits)) if with_entropy else logprobs
+
+
+def response_values(value_model, sequences, attention_mask, position_ids, prompt_length: int) -> torch.Tensor:
+    return token_scores(value_model, sequences, attention_mask, position_ids)[:, prompt_length - 1:-1]
+
+
+@torch.no_grad()
+def sample_responses(model, tokenizer, prompts: list[str], sampling: SamplingConfig, device) -> Responses:
+    """One sampled response per prompt (temperature, top-k, max_new_tokens); tokens after the first EOS masked."""
+    batch = left_padded(tokenizer, prompts, device)
+    model.eval()
+    sequences = model.generate(**batch, do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k,
+                               top_p=1.0, max_new_tokens=sampling.max_new_tokens, use_cache=True,
+                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    prompt_length = batch["input_ids"].shape[1]
+    response = sequences[:, prompt_length:]
+    mask, has_eos = response_mask(response, tokenizer.eos_token_id)
+    attention = torch.cat([batch["attention_mask"], mask], dim=1)
+    texts = tokenizer.batch_decode(response * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
+    return Responses(sequences, attention, positions(attention), prompt_length, mask.float(), texts, has_eos)
+
+
+@torch.no_grad()
+def collect(policy, reference, value_model, reward, tokenizer, prompts: list[str], sampling: SamplingConfig,
+            device) -> Rollout:
+    """Sample one response per prompt and score it (reference: ftl.rl.reference.Reference, reward:
+    ftl.rl.reward.RewardFunction)."""
+    started = time.perf_counter()
+    r = sample_responses(policy, tokenizer, prompts, sampling, device)
+    generation_seconds = time.perf_counter() - started
+    seq, attention, pos, prompt_length = r.sequences, r.attention_mask, r.position_ids, r.prompt_length
+    logprobs = response_logprobs(policy, seq, attention, pos, prompt_length, sampling.temperature)
+    ref_logprobs = reference.logprobs(seq, attention, pos, prompt_length, sampling.temperature)
+    values = response_values(value_model, seq, attention, pos, prompt_length)
+    scores = reward.with_eos_penalty(reward(seq, attention, pos, r.texts).float(), r.has_eos)
+    return Rollout(**vars(r), logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, scores=scores,
+                   generation_seconds=generation_seconds, temperature=sampling.temperature)

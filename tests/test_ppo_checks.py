@@ -1,0 +1,33 @@
+"""PPO recipe checks that need no model: train.epochs is refused by name, not silently ignored."""
+
+import pytest
+import yaml
+
+from conftest import RECIPES
+from ftl.config import load_recipe
+from ftl.errors import RecipeError
+from ftl.stages.ppo import check_iterations, run_ppo
+
+
+def ppo_recipe(tmp_path, train: dict):
+    raw = yaml.safe_load((RECIPES / "rlhf" / "ppo.yaml").read_text())
+    raw.pop("profiles")
+    raw["train"] = train
+    path = tmp_path / "ppo.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_recipe(path)
+
+
+def test_train_epochs_without_max_steps_is_refused_by_name(tmp_path):
+    recipe = ppo_recipe(tmp_path, {"lr": 1e-4, "epochs": 3})
+    with pytest.raises(RecipeError, match=r"train\.epochs: PPO counts iterations .*set train\.max_steps"):
+        check_iterations(recipe)
+    # run_ppo checks first: nothing is loaded, built or written
+    with pytest.raises(RecipeError, match=r"train\.epochs"):
+        run_ppo(recipe, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_max_steps_or_the_default_length_pass(tmp_path):
+    check_iterations(ppo_recipe(tmp_path, {"lr": 1e-4, "epochs": 3, "max_steps": 5}))  # max_steps counts
+    check_iterations(ppo_recipe(tmp_path, {"lr": 1e-4}))  # epochs left at its default: not set by the recipe
