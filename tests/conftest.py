@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
+
+# pytest-timeout's per-test limit (pyproject), which counts fixture setup too. One subprocess may take at
+# most half of it, so a fixture's run plus the test's own run ends (with its own output) before pytest
+# kills the test; tests that run several in a row keep their sum below PYTEST_TIMEOUT.
+PYTEST_TIMEOUT = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["timeout"]
+MAX_SUBPROCESS_TIMEOUT = PYTEST_TIMEOUT // 2
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -77,8 +85,26 @@ def ftl_command(*args: str) -> list[str]:
 
 
 def run_ftl(*args: str, cwd: Path, timeout: int = 600, **env) -> subprocess.CompletedProcess:
+    assert timeout <= MAX_SUBPROCESS_TIMEOUT, f"timeout {timeout} s: at most half of pytest's {PYTEST_TIMEOUT} s"
     return subprocess.run(ftl_command(*args), cwd=cwd, env=subprocess_env(**env), capture_output=True,
                           text=True, timeout=timeout)
+
+
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL a launcher and every process below it, as a machine failure would, and wait until all are gone.
+    Killing the launcher's process group is not enough: torch's elastic agent (accelerate launch, torchrun)
+    starts each rank in a session of its own, and orphaned ranks go on training."""
+    import psutil
+
+    root = psutil.Process(pid)
+    procs = [root] + root.children(recursive=True)
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=60)
+    assert not alive, f"still running after SIGKILL: {alive}"
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -87,6 +113,34 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def train_losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def complete_checkpoint_steps(run_dir: Path) -> list[int]:
+    """Steps of the complete checkpoints in run_dir/checkpoints (step-N folders whose COMPLETE marker matches)."""
+    from ftl.train.checkpoint import problem, step_folders
+
+    return [int(p.name.split("-")[1]) for p in step_folders(run_dir) if problem(p) is None]
+
+
+RESUMED = re.compile(r"ftl: resumed from (\S+) \(step (\d+) of (\d+)\)")
+
+
+def assert_resumed_from(output: str, run_dir: Path, step: int, total: int) -> None:
+    """The run really resumed, from checkpoint `step`: it says so, naming that checkpoint, and its manifest
+    records the step. (A fresh run that ignored the checkpoints reproduces an uninterrupted run exactly,
+    so an identical loss curve alone does not prove a resume happened.)"""
+    said = RESUMED.findall(output)
+    ftl_lines = "\n".join(line for line in output.splitlines() if line.startswith("ftl:"))
+    assert said, f"no 'ftl: resumed from' line; the run's ftl: lines:\n{ftl_lines}"
+    path, said_step, said_total = said[-1]
+    assert Path(path).name == f"step-{step:07d}", said[-1]
+    assert Path(path).parent.resolve() == (run_dir / "checkpoints").resolve(), said[-1]
+    assert (int(said_step), int(said_total)) == (step, total), said[-1]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    recorded = manifest.get("resumed_from_step")
+    if recorded is None and manifest.get("attempts"):  # a manifest keeping every attempt: the latest one
+        recorded = manifest["attempts"][-1].get("resumed_from_step")
+    assert recorded == step, f"manifest resumed_from_step {recorded!r}, expected {step}"
 
 
 @pytest.fixture

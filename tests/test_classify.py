@@ -11,7 +11,8 @@ from conftest import ROOT, read_jsonl, run_ftl
 from ftl.config import load_recipe
 from ftl.data import load_splits
 from ftl.errors import DataError
-from ftl.stages.classify import label_id
+from ftl.data.splits import Splits
+from ftl.stages.classify import label_id, label_names
 
 SENTIMENT = ROOT / "recipes" / "classify_sentiment_zh.yaml"
 TOPIC = ROOT / "recipes" / "classify_topic.yaml"
@@ -75,6 +76,57 @@ def test_unknown_label_names_the_record_and_the_labels():
     assert label_id("positive", ["negative", "positive"], "x") == 1 and label_id(0, ["a", "b"], "x") == 0
     with pytest.raises(DataError, match=r"data record 7: label 'neutral' is not one of classify.labels"):
         label_id("neutral", ["negative", "positive"], "data record 7")
+
+
+def labelled(*labels):
+    return [{"text": f"text {i}", "label": label} for i, label in enumerate(labels)]
+
+
+def no_labels_given():
+    from types import SimpleNamespace
+
+    return SimpleNamespace(classify=SimpleNamespace(labels=[]))
+
+
+def test_labels_are_the_values_training_holds_not_a_range_up_to_the_largest():
+    names = label_names(no_labels_given(), Splits(train=labelled(0, 1, 1, 0, 7), validation=labelled(1, 7)))
+    assert names == ["0", "1", "7"]                                  # a 3-way head, not 8-way
+    assert [label_id(v, names, "x") for v in (0, 1, 7)] == [0, 1, 2]
+    names = label_names(no_labels_given(), Splits(train=labelled(2, 1, 10, "b", "a")))
+    assert names == ["1", "2", "10", "a", "b"] and label_id(1, names, "x") == 0 and label_id(10, names, "x") == 2
+
+
+def test_a_label_training_never_has_is_named_with_its_split_and_count():
+    splits = Splits(train=labelled(0, 1, 0, 1), validation=labelled(0, 1), test=labelled(1, 2, 2, 3))
+    with pytest.raises(DataError, match=r"the test split holds labels the training split never has: "
+                                        r"'2' \(2 rows\), '3' \(1 rows\) \(training has \['0', '1'\]\)"):
+        label_names(no_labels_given(), splits)
+    with pytest.raises(DataError, match=r"the training split holds only label \['pos'\]"):
+        label_names(no_labels_given(), Splits(train=labelled("pos", "pos")))
+
+
+def test_classify_labels_given_in_the_recipe_win():
+    recipe = load_recipe(SENTIMENT, "tiny")
+    assert label_names(recipe, Splits(train=labelled(0, 0), test=labelled(1))) == ["negative", "positive"]
+
+
+@pytest.mark.parametrize("empty", ["validation", "test"])
+def test_classify_runs_without_a_validation_or_test_split_and_counts_truncation(tmp_path, empty):
+    from transformers import AutoTokenizer
+
+    proc = run_ftl("run", str(SENTIMENT), "--profile", "tiny", f"track.output_dir={tmp_path}",
+                   f"data.split.{empty}=0", "data.limit=200", "data.max_length=24", "train.max_steps=2",
+                   "eval.every=null", "eval.before_training=false", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "manifest.json").read_text())["data"]
+    assert data["sizes"][empty] == 0 and data["rows"] == {"read": 200, "kept": 200, "skipped": {},
+                                                          "first_skipped": []}
+    splits, _ = load_splits(load_recipe(SENTIMENT, "tiny", [f"data.split.{empty}=0", "data.limit=200"]).data)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+    longer = sum(len(ids) > 24 for ids in tokenizer([r["text"] for r in splits.train])["input_ids"])
+    assert data["encoded"] == len(splits.train) and 0 < data["truncated"] == longer < len(splits.train)
+    after = eval_after(tmp_path)["after"]
+    assert ("test" in after) == (empty == "validation") and ("accuracy" in after) == (empty == "test")
 
 
 def test_minilm_encoder_gets_a_topic_head_and_learns(tmp_path):

@@ -321,6 +321,7 @@ def test_early_stopping_stops_on_a_plateau_and_keeps_the_best_epoch_under_ddp(tm
     best = load_file(run / "best" / "model.safetensors")
     epoch2 = load_file(run / "checkpoints" / f"step-{stopping['best_step']:07d}" / "model.safetensors")
     final = load_file(run / "final" / "model.safetensors")
+    assert len(best) == len(final) > 0 and best.keys() == final.keys() <= epoch2.keys()  # whole models: not vacuous
     assert all(torch.equal(best[n], epoch2[n]) for n in best)
     assert any(not torch.equal(best[n], final[n]) for n in best)
     assert "early stopping at step" in proc.stdout + proc.stderr

@@ -1,5 +1,8 @@
-"""Faults: SIGKILL mid-run then --resume, and SIGTERM/SIGUSR1 checkpoint-and-exit, reproduce the curve."""
+"""Faults: SIGKILL mid-run or inside a checkpoint write then --resume, and SIGTERM/SIGUSR1
+checkpoint-and-exit, reproduce the curve, and each resume says (and records) the checkpoint it took."""
 
+import os
+import re
 import signal
 import subprocess
 import time
@@ -7,7 +10,8 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ftl_command, read_jsonl, run_ftl, subprocess_env, tiny_recipe_dict, train_losses, write_recipe
+from conftest import (assert_resumed_from, complete_checkpoint_steps, ftl_command, read_jsonl, run_ftl,
+                      subprocess_env, tiny_recipe_dict, train_losses, write_recipe)
 
 STEPS = 150
 
@@ -39,7 +43,7 @@ def start_and_interrupt(tmp_path, name, sig, at_step=45) -> subprocess.Popen:
             proc.send_signal(sig)
             break
         time.sleep(0.01)
-    proc.wait(timeout=300)
+    proc.wait(timeout=120)
     return proc
 
 
@@ -56,11 +60,11 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp
     assert proc.returncode == -signal.SIGKILL
     run = tmp_path / "killed"
     assert not (run / "final").exists()
-    steps = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
+    steps = complete_checkpoint_steps(run)
     assert steps and steps[-1] < STEPS
     resumed = run_ftl("run", str(tmp_path / "killed.yaml"), "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from" in resumed.stdout + resumed.stderr
+    assert_resumed_from(resumed.stdout + resumed.stderr, run, steps[-1], STEPS)
     assert_same_run(run, uninterrupted)
 
 
@@ -73,14 +77,66 @@ def test_signal_checkpoints_exits_cleanly_and_resumes_exactly(uninterrupted, tmp
     run = tmp_path / "signalled"
     stopped_at = len(read_jsonl(run / "metrics.jsonl"))
     assert stopped_at < STEPS
-    assert (run / "checkpoints" / f"step-{stopped_at:07d}").is_dir()  # saved exactly where it stopped
+    assert complete_checkpoint_steps(run)[-1] == stopped_at  # saved exactly where it stopped
     resumed = run_ftl("run", str(tmp_path / "signalled.yaml"), "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_resumed_from(resumed.stdout + resumed.stderr, run, stopped_at, STEPS)
     assert_same_run(run, uninterrupted)
 
 
-def test_checkpoints_are_written_atomically(uninterrupted):
+def test_a_finished_run_leaves_only_complete_checkpoints(uninterrupted):
     names = [p.name for p in (uninterrupted / "checkpoints").iterdir()]
-    assert names == sorted(names) and all(n.startswith("step-") for n in names)  # no .tmp left behind
+    assert names and all(re.fullmatch(r"step-\d+", n) for n in names), names  # no temporary folder left behind
     for ckpt in (uninterrupted / "checkpoints").iterdir():
         assert (ckpt / "trainer_state.json").exists() and (ckpt / "model.safetensors").exists()
+
+
+def in_progress(names) -> list[str]:
+    """Entries of checkpoints/ that are not finished `step-N` folders: a checkpoint being written."""
+    return [n for n in names if not re.fullmatch(r"step-\d+", n)]
+
+
+def kill_inside_a_write(proc: subprocess.Popen, checkpoints, deadline: float) -> str | None:
+    """Poll checkpoints/ and SIGKILL the run the moment a checkpoint is being written (after at least one
+    complete checkpoint exists). The folder being written, if it was still unfinished after the kill."""
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            names = os.listdir(checkpoints)
+        except FileNotFoundError:
+            names = []
+        writing = in_progress(names)
+        if writing and any(re.fullmatch(r"step-\d+", n) for n in names):
+            proc.kill()
+            proc.wait(timeout=60)
+            torn = [n for n in writing if (checkpoints / n).exists()]
+            return torn[0] if torn else None  # else the write finished between the look and the kill
+        time.sleep(0.0005)
+    proc.kill()
+    proc.wait(timeout=60)
+    return None
+
+
+def test_a_kill_inside_a_checkpoint_write_resumes_from_the_previous_complete_one(uninterrupted, tmp_path):
+    recipe, run = long_recipe(tmp_path, "torn"), tmp_path / "torn"
+    checkpoints = run / "checkpoints"
+    torn, deadline = None, time.time() + 300
+    for attempt in range(8):  # a missed window leaves a killed run: the next attempt resumes it and tries again
+        args = ["run", str(recipe)] + (["--resume"] if attempt else [])
+        proc = subprocess.Popen(ftl_command(*args), cwd=tmp_path, env=subprocess_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        torn = kill_inside_a_write(proc, checkpoints, deadline)
+        assert proc.returncode == -signal.SIGKILL, "the run ended before a checkpoint write could be interrupted"
+        if torn or time.time() > deadline:
+            break
+    assert torn, f"no kill landed inside a checkpoint write in {attempt + 1} attempts"
+    print(f"killed inside the write of {torn} on attempt {attempt + 1}")
+    assert (checkpoints / torn).exists()  # the unfinished write was there when the run died
+    assert not (run / "final").exists()
+    complete = complete_checkpoint_steps(run)
+    torn_step = int(re.search(r"\d+", torn).group())
+    assert complete and complete[-1] < torn_step, (complete, torn)
+    resumed = run_ftl("run", str(recipe), "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_resumed_from(resumed.stdout + resumed.stderr, run, complete[-1], STEPS)  # the previous complete one
+    assert_same_run(run, uninterrupted)
+    assert not in_progress(os.listdir(checkpoints))  # the torn write was replaced, not left behind

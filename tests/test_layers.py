@@ -11,7 +11,7 @@ LAYERS = {
     "errors": 0, "process_exit": 0,
     "config": 1, "packages": 1,
     "run_dir": 2,
-    "data": 3, "track": 3, "launch": 3,
+    "data": 3, "track": 3, "launch": 3, "run_lock": 3,
     "methods": 4,
     "models": 5,
     "train": 6,

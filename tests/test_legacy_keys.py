@@ -27,7 +27,7 @@ def notes(capsys) -> list[str]:
 def test_old_style_recipe_loads_into_the_new_sections_with_one_note(tmp_path, capsys):
     path = write_recipe(tmp_path / "r.yaml", old_style(tmp_path))
     recipe = load_recipe(path, "tiny")
-    assert recipe.reward.kind == "model" and recipe.reward.path == "rm" and recipe.reward.missing_eos_penalty == -2.0
+    assert recipe.reward.kind == "model" and recipe.reward.path == str(tmp_path / "rm") and recipe.reward.missing_eos_penalty == -2.0
     assert recipe.sampling.max_new_tokens == 12 and recipe.sampling.top_k == 5 and recipe.sampling.temperature == 1.0
     assert recipe.ppo.kl_coef == 0.2 and recipe.ppo.rollout_batch == 4
     (note,) = notes(capsys)
@@ -36,7 +36,7 @@ def test_old_style_recipe_loads_into_the_new_sections_with_one_note(tmp_path, ca
     assert "'ppo.missing_eos_penalty' is now 'reward.missing_eos_penalty'" in note
     resolved = resolved_dict(recipe)
     assert "reward" not in resolved["ppo"] and "max_new_tokens" not in resolved["ppo"]
-    assert resolved["reward"]["path"] == "rm" and resolved["sampling"]["max_new_tokens"] == 12
+    assert resolved["reward"]["path"] == str(tmp_path / "rm") and resolved["sampling"]["max_new_tokens"] == 12
     again = load_recipe(write_recipe(tmp_path / "resolved.yaml", resolved))
     assert resolved_dict(again) == resolved and notes(capsys) == []
 

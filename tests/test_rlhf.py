@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def pipeline_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rlhf")
     path = copy_rlhf_pipeline(tmp)
-    proc = run_ftl("pipeline", str(path), "--profile", "tiny", cwd=tmp, timeout=1200)
+    proc = run_ftl("pipeline", str(path), "--profile", "tiny", cwd=tmp, timeout=600)  # ~1 min
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return tmp, path, tmp / "out"
 
@@ -67,7 +67,7 @@ def test_stages_use_disjoint_shares_of_the_data(pipeline_run):
 
 def test_rerun_skips_unchanged_stages_and_reruns_changed_ones(pipeline_run):
     tmp, path, out = pipeline_run
-    again = run_ftl("pipeline", str(path), "--profile", "tiny", cwd=tmp)
+    again = run_ftl("pipeline", str(path), "--profile", "tiny", cwd=tmp, timeout=300)
     assert again.returncode == 0 and again.stdout.count("unchanged and complete: skipped") == 5
     spec = yaml.safe_load(path.read_text())
     spec["stages"][2]["overrides"] = ["ppo.kl_coef=0.1", "train.max_steps=3"]
@@ -111,7 +111,7 @@ def test_ppo_on_two_ranks_with_a_lora_policy(pipeline_run, tmp_path):
                    f"model.path={out / 'sft' / 'final'}", f"reward.path={out / 'reward' / 'final'}",
                    f"track.output_dir={tmp_path / 'ppo2'}", "launch.num_processes=2",
                    f"launch.main_process_port={free_port()}", "method.kind=lora", "train.max_steps=4",
-                   "ppo.rollout_batch=4", cwd=tmp_path, timeout=900)
+                   "ppo.rollout_batch=4", cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     manifest = json.loads((tmp_path / "ppo2" / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["ppo"]["reference"] == "disabled_adapter"
@@ -127,7 +127,7 @@ def test_ppo_under_zero3_keeps_half_of_policy_and_value_per_rank(pipeline_run, t
     proc = run_ftl("launch", str(ROOT / "recipes" / "rlhf" / "ppo.yaml"), "--profile", "tiny_zero3",
                    f"model.path={out / 'sft' / 'final'}", f"reward.path={out / 'reward' / 'final'}",
                    f"track.output_dir={tmp_path / 'z3'}", f"launch.main_process_port={free_port()}",
-                   cwd=ROOT, timeout=900)
+                   cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     manifest = json.loads((tmp_path / "z3" / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["ppo"]["reference"] == "disabled_adapter"
@@ -142,17 +142,40 @@ def test_ppo_under_zero3_keeps_half_of_policy_and_value_per_rank(pipeline_run, t
     assert any(p.abs().max() > 0 for n, p in policy.named_parameters() if "lora_B" in n)
 
 
+def training_pair_metrics(run_dir):
+    """Pairwise accuracy / loss of run_dir's merged reward model on the pairs it trained on."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from ftl.config import load_recipe
+    from ftl.data import load_splits
+    from ftl.stages.reward import encode_pairs, pairwise_metrics
+
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    features = encode_pairs(tokenizer, load_splits(recipe.data)[0].train, recipe)
+    model = AutoModelForSequenceClassification.from_pretrained(run_dir / "merged").eval()
+    with torch.no_grad():
+        return pairwise_metrics(model, features, tokenizer.pad_token_id)
+
+
 @pytest.mark.parametrize("kind", ["lora", "qlora"])
 def test_reward_model_trains_with_adapters(pipeline_run, tmp_path, kind):
     _, _, out = pipeline_run
+    # ~90 training pairs, ~3 epochs: enough to fit them (the 36 held-out pairs of the full share are too few
+    # and too hard for the tiny model to show learning reliably)
     proc = run_ftl("run", str(ROOT / "recipes" / "rlhf" / "reward.yaml"), "--profile", "tiny",
                    f"model.path={out / 'sft' / 'final'}", f"track.output_dir={tmp_path / 'rm'}",
-                   f"method.kind={kind}", "train.max_steps=6", "train.lr=1e-2", cwd=tmp_path)
+                   f"method.kind={kind}", "data.limit=150", "train.max_steps=30", "train.lr=1e-2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = json.loads((tmp_path / "rm" / "eval.json").read_text())["after"]
     assert after["pairs"] > 0 and 0 <= after["pairwise_accuracy"] <= 1
     config = json.loads((tmp_path / "rm" / "final" / "adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_CLS" and "score" in (config.get("modules_to_save") or [])
-    merged = run_ftl("merge", str(tmp_path / "rm"), cwd=tmp_path)  # a plain reward model folder for PPO
+    merged = run_ftl("merge", str(tmp_path / "rm"), cwd=tmp_path, timeout=300)  # a plain reward model folder for PPO
     assert merged.returncode == 0, merged.stderr[-2000:]
     assert "ForSequenceClassification" in (tmp_path / "rm" / "merged" / "config.json").read_text()
+    # it learned: on its training pairs, an untrained head (the same run at lr 1e-9) measured loss 0.66 and
+    # accuracy 0.68-0.70 (ln 2 = 0.69 is no preference); trained, loss 0.23-0.26 and accuracy 0.89-0.91
+    fitted = training_pair_metrics(tmp_path / "rm")
+    assert fitted["pairs"] > 50 and fitted["loss"] < 0.45 and fitted["pairwise_accuracy"] > 0.8, fitted

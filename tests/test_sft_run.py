@@ -73,14 +73,25 @@ def test_ftl_eval_reloads_the_final_model_with_identical_loss(finished_run, tmp_
 
 
 def test_ftl_eval_on_a_model_folder_with_a_data_file(finished_run, tmp_path):
+    # the run's own evaluation examples as a plain data file: evaluating the bare model folder on it must give
+    # the loss the run reported for its final model (eval.json), on the same tokens
+    from ftl.config import load_recipe
+    from ftl.data import load_splits
+
+    run = finished_run[0]
+    recipe = load_recipe(run / "recipe.yaml")
+    records = load_splits(recipe.data)[0].validation[: recipe.eval.max_examples]
     data = tmp_path / "held_out.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Hello number {i}", "completion": "Hi there"}) + "\n"
-                            for i in range(6)))
-    proc = run_ftl("eval", str(finished_run[0] / "final"), "--data", str(data), "--format",
-                   "prompt_completion", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    proc = run_ftl("eval", str(run / "final"), "--data", str(data), "--format", "chat", "--out",
+                   str(tmp_path / "out"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "eval.json").read_text())["eval"]
-    assert result["examples"] == 6 and result["loss"] > 0 and result["perplexity"] > 1
+    trained = json.loads((run / "eval.json").read_text())
+    assert result["examples"] == len(records) == 16
+    assert result["tokens"] == trained["after"]["tokens"]
+    assert result["loss"] == pytest.approx(trained["after"]["loss"], abs=1e-4)
+    assert result["loss"] < trained["before"]["loss"] - 0.5  # the trained model, not the untrained base
 
 
 def test_resolved_recipe_reproduces_the_run(finished_run, tmp_path):

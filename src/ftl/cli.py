@@ -32,18 +32,36 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(code or 0)
 
 
+class Parser(argparse.ArgumentParser):
+    """Bad arguments end like any bad input: the usage, then one `ftl: error:` line naming the command.
+    No abbreviated flags: `--resum` is a typo to refuse, not a --resume to guess."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        command = self.prog.removeprefix("ftl").strip()
+        print(f"ftl: error: {command + ': ' if command else ''}{message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ftl", description="Fine-tuning launcher: one recipe, any machine.")
+    parser = Parser(prog="ftl", description="Fine-tuning launcher: one recipe, any machine.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a recipe in this process (what every launcher starts)")
     _recipe_args(run)
     run.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the run already in the output folder (once the new recipe and data validate)")
     run.set_defaults(handler=cmd_run)
 
     launch = sub.add_parser("launch", help="build and run the launcher command for the recipe's profile")
     _recipe_args(launch)
     launch.add_argument("--resume", action="store_true")
+    launch.add_argument("--overwrite", action="store_true", help="replace the run already in the output folder")
     launch.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
     launch.add_argument("--force", action="store_true", help="launch even when the plan says it cannot fit")
     launch.add_argument("--machine-rank", type=int, default=None,
@@ -121,7 +139,7 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("--profile", "-p", default=None, type=lambda name: name or None,
                    help="profile to apply (tiny, small, gpu1, node8, ...)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
+    p.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. train.lr=1e-4")
 
 
 # -- handlers ------------------------------------------------------------------------------------
@@ -131,7 +149,7 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
 def cmd_run(args) -> int:
     from ftl.runner import run_recipe
 
-    result = run_recipe(args.recipe, args.profile, args.overrides, resume=args.resume)
+    result = run_recipe(args.recipe, args.profile, args.overrides, resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         exit_cleanly(0)  # DeepSpeed ranks sporadically SIGABRT during interpreter teardown
     return 0 if result is not None else 1
@@ -146,7 +164,8 @@ def cmd_launch(args) -> int:
         raise LaunchError("--machine-rank and --main-ip go together (multi-node launches)")
     node = NodeRole(args.machine_rank, args.main_ip) if args.main_ip else None
     recipe = load_recipe(args.recipe, args.profile, args.overrides)
-    command = build_launch_command(recipe, args.recipe, args.overrides, resume=args.resume, node=node)
+    command = build_launch_command(recipe, args.recipe, args.overrides, resume=args.resume, node=node,
+                                   overwrite=args.overwrite)
     plan = make_plan(recipe)
     print(render_plan(plan).split("\n\n")[0], flush=True)
     if not plan.fits and not args.force:
@@ -155,6 +174,11 @@ def cmd_launch(args) -> int:
     print(f"ftl: launch command:\n  {command.shell()}", flush=True)
     if args.dry_run:
         return 0
+    if node is None or node.machine_rank == 0:  # refuse before any rank starts (each rank checks again)
+        from ftl.run_dir import run_dir_for
+        from ftl.runner import check_run_folder
+
+        check_run_folder(run_dir_for(recipe), args.resume, args.overwrite)
     argv, env = runnable(command)
     return subprocess.run(argv, env=env).returncode
 

@@ -44,7 +44,7 @@ def run_compare(recipe_path: str, profile: Optional[str], overrides: list[str], 
         measured_file = root / f"{name}.json"
         measured = reusable_measurement(measured_file, run_overrides, root / name)
         if measured is None:
-            command = build_launch_command(variant_recipe, recipe_path, run_overrides)
+            command = build_launch_command(variant_recipe, recipe_path, run_overrides, overwrite=True)  # re-measure
             print(f"ftl compare: {name}: {command.shell()}", flush=True)
             measured = run_variant(name, runnable(command), root)
             write_atomic(measured_file, json.dumps({"overrides": run_overrides, **measured}, indent=1))

@@ -132,7 +132,8 @@ def run_pipeline(path: str | Path, profile: Optional[str] = None, force: bool = 
             summary.append({"stage": plan.name, "status": "skipped", "output": str(plan.output)})
             continue
         started = time.time()
-        command = build_launch_command(plan.recipe, str(plan.recipe_path), plan.overrides)
+        # the stage changed or never completed: its folder's old run is replaced once the new one validates
+        command = build_launch_command(plan.recipe, str(plan.recipe_path), plan.overrides, overwrite=True)
         print(f"ftl pipeline: stage '{plan.name}' running: {command.shell()}", flush=True)
         log = root / f"{plan.name}.log"
         code = run_logged(runnable(command), log)

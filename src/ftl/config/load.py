@@ -14,8 +14,11 @@ from typing import Any, Optional
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from ftl.config.environment import (REFERENCES_ATTR, dotted, expand_references, resolve_paths,
+                                   restore_references)
 from ftl.config.legacy import upgrade_override, upgrade_recipe
 from ftl.config.schema import Recipe
+from ftl.config.secret_keys import redact_tree, remember_secrets
 from ftl.errors import RecipeError
 
 
@@ -44,31 +47,48 @@ def load_recipe(path: str | Path, profile: Optional[str] = None, overrides: list
             raise RecipeError(f"{path}: profiles.{name} must be a mapping of overrides")
         check_keys(Recipe, body, path, lines, prefix=f"profiles.{name}.")
 
-    merged = {k: v for k, v in raw.items() if k != "profiles"}
+    def where_of(keys) -> str:
+        return f"{path}:{lines[dotted(keys)]}" if dotted(keys) in lines else str(path)
+
+    # paths written in the file are relative to its folder (or, for older recipes, the working directory)
+    folder, cwd = path.absolute().parent, Path.cwd()
+    merged = resolve_paths({k: v for k, v in raw.items() if k != "profiles"}, where_of, folder, cwd)
     if profile is not None:
         if profile not in profiles:
             known = ", ".join(sorted(profiles)) or "none"
             raise RecipeError(f"{path}: no profile '{profile}' (this recipe has: {known})")
-        merged = deep_merge(merged, profiles[profile])
+        merged = deep_merge(merged, resolve_paths(profiles[profile], where_of, folder, cwd,
+                                                  prefix=("profiles", profile)))
         merged["profile"] = profile
     for override in overrides:
         merged = apply_override(merged, override, path)
+    merged, references = expand_references(merged, where_of)
 
     try:
-        return Recipe.model_validate(merged)
+        recipe = Recipe.model_validate(merged)
     except ValidationError as err:
         raise RecipeError(format_validation_error(err, path, lines, profile)) from None
+    remember_secrets(merged)
+    # kept on the recipe itself so that copies (model_copy) still write `${VAR}`, not the value
+    setattr(recipe, REFERENCES_ATTR, references)
+    return recipe
 
 
 def resolved_dict(recipe: Recipe) -> dict:
-    """The recipe as it ran: profile and overrides applied, no profiles left. Valid input to load_recipe."""
+    """The recipe as it ran: profile and overrides applied, no profiles left, `${VAR}` references as written.
+    Valid input to load_recipe. It may hold literal secrets: files get redacted_dict."""
     data = recipe.model_dump(mode="json")
     data.pop("profiles", None)
-    return data
+    return restore_references(data, getattr(recipe, REFERENCES_ATTR, {}))
+
+
+def redacted_dict(recipe: Recipe) -> dict:
+    """resolved_dict with every secret value replaced by '***': what files and trackers get."""
+    return redact_tree(resolved_dict(recipe))
 
 
 def save_resolved(recipe: Recipe, path: Path) -> None:
-    path.write_text(yaml.safe_dump(resolved_dict(recipe), sort_keys=False, allow_unicode=True))
+    path.write_text(yaml.safe_dump(redacted_dict(recipe), sort_keys=False, allow_unicode=True))
 
 
 def deep_merge(base: dict, update: dict) -> dict:
@@ -96,6 +116,8 @@ def apply_override(data: dict, override: str, path: Path) -> dict:
         nested = {key: nested}
     nested = upgrade_override(nested, override)
     check_keys(Recipe, nested, path, {}, prefix="", origin=f"override '{override}'")
+    # a path typed on the command line means one relative to where it was typed
+    nested = resolve_paths(nested, lambda keys: f"override '{override}'", Path.cwd())
     return deep_merge(data, nested)
 
 

@@ -237,6 +237,8 @@ class TrainConfig(Section):
     log_every: int = Field(1, gt=0)
     save_every: Optional[int] = Field(None, gt=0, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(2, gt=0)
+    stall_timeout_s: float = Field(600, ge=0, description="seconds without progress (a step, micro-batch or "
+                                   "evaluation) before a rank dumps its stacks and exits 124; 0: off")
     freeze: FreezeConfig = FreezeConfig()
     layer_lr: LayerLRConfig = LayerLRConfig()
     unfreeze: list[UnfreezePhase] = Field([], description="gradual unfreezing: phases run in order (replaces epochs/max_steps)")

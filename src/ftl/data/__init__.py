@@ -24,6 +24,16 @@ def load_splits(cfg: DataConfig) -> tuple[Splits, RowReport]:
         records = islice(records, cfg.limit)
     splits = split_records(records, cfg.split.validation, cfg.split.test, cfg.split.seed)
     if not splits.train:
-        raise DataError(f"data: no training records left from {cfg.source.kind} source "
-                        f"({report.read} read, {report.kept} valid, {splits.duplicates_dropped} duplicates)")
+        raise DataError(no_training_records(cfg, report, splits))
     return splits, report
+
+
+def no_training_records(cfg: DataConfig, report: RowReport, splits: Splits) -> str:
+    where = f"{cfg.source.kind} source" + (f" {cfg.source.path}" if cfg.source.path else "")
+    if not report.read:
+        return f"data: {where} holds no rows"
+    if not report.kept:
+        return f"data: every row of {where} was rejected ({report.read} read; {report.rejections()})"
+    return (f"data: no training records left from {where} ({report.read} read, {report.kept} valid, "
+            f"{splits.duplicates_dropped} duplicates, {len(splits.validation)} to validation, "
+            f"{len(splits.test)} to test after data.share, data.limit and data.split)")

@@ -1,7 +1,8 @@
 """Record formats and row validation.
 
 Every source yields `(location, row)` pairs; `validate_rows` turns them into records of one
-format, raising `DataError` naming the location of a bad row, or skipping and counting it.
+format, raising `DataError` naming the location of a bad row, or skipping and counting it by reason.
+A line a reader could not decode arrives as an `Unreadable` row and is counted like any other.
 """
 
 from __future__ import annotations
@@ -24,6 +25,15 @@ REQUIRED_TEXT_FIELDS = {
 }
 
 
+class Unreadable(ValueError):
+    """A line a reader could not turn into a row (not UTF-8, not JSON); `reason` is what skipped rows are
+    counted by, the message adds where exactly (column, byte)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason} ({detail})")
+        self.reason = reason
+
+
 @dataclass
 class RowReport:
     read: int = 0
@@ -35,9 +45,17 @@ class RowReport:
         return {"read": self.read, "kept": self.kept, "skipped": dict(self.skipped),
                 "first_skipped": self.first_skipped}
 
+    def rejections(self) -> str:
+        """Why rows were skipped, for an error: the counts by reason and the first offending lines."""
+        reasons = ", ".join(f"{reason} ({count} row{'s' if count > 1 else ''})"
+                            for reason, count in self.skipped.most_common())
+        return f"skipped: {reasons}; first: " + "; ".join(self.first_skipped[:3])
+
 
 def check_row(row: Any, fmt: str) -> dict:
     """Return the record in canonical form, or raise ValueError saying what is wrong."""
+    if isinstance(row, Unreadable):
+        raise row
     if not isinstance(row, dict):
         raise ValueError(f"expected an object with fields, got {type(row).__name__}")
     if fmt == "chat":
@@ -97,7 +115,7 @@ def validate_rows(rows: Iterable[tuple[str, Any]], fmt: str, on_bad_row: str,
             if on_bad_row == "error":
                 raise DataError(f"{location}: {err} (format '{fmt}'; set data.on_bad_row: skip "
                                 "to skip and count bad rows)") from None
-            report.skipped[str(err)] += 1
+            report.skipped[getattr(err, "reason", str(err))] += 1
             if len(report.first_skipped) < 5:
                 report.first_skipped.append(f"{location}: {err}")
             continue

@@ -7,7 +7,7 @@ model learns to stop. Text and prompt/completion end with EOS.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from ftl.errors import DataError
 
@@ -18,9 +18,25 @@ IGNORE = -100
 class Encoded:
     input_ids: list[int]
     labels: list[int]
+    truncated: bool = False  # was longer than data.max_length and cut
 
     def as_dict(self) -> dict:
         return {"input_ids": self.input_ids, "labels": self.labels}
+
+
+def cut(ids: list[int], labels: list[int], max_length: int) -> Encoded:
+    return Encoded(ids[:max_length], labels[:max_length], truncated=len(ids) > max_length)
+
+
+@dataclass
+class EncodeReport:
+    """What encoding did to one split's examples, for the manifest (`as_dict` keys go into data)."""
+    encoded: int = 0
+    truncated: int = 0  # cut at data.max_length (kept, unless nothing to learn was left)
+    dropped_nothing_to_learn: int = 0  # no trained token (e.g. cut before the answer)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
@@ -45,7 +61,7 @@ def encode_chat(tokenizer, messages: list[dict], max_length: int) -> Encoded:
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     labels = [tok if _inside(start, spans) else IGNORE
               for tok, (start, _end) in zip(enc["input_ids"], enc["offset_mapping"])]
-    return Encoded(enc["input_ids"][:max_length], labels[:max_length])
+    return cut(enc["input_ids"], labels, max_length)
 
 
 def _inside(position: int, spans) -> bool:
@@ -57,13 +73,12 @@ def encode_prompt_completion(tokenizer, prompt: str, completion: str, max_length
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids = prompt_ids + completion_ids
     labels = [IGNORE] * len(prompt_ids) + completion_ids
-    return Encoded(ids[:max_length], labels[:max_length])
+    return cut(ids, labels, max_length)
 
 
 def encode_text(tokenizer, text: str, max_length: int) -> Encoded:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = ids[:max_length]
-    return Encoded(ids, list(ids))
+    return cut(ids, list(ids), max_length)
 
 
 def encode_record(tokenizer, record: dict, fmt: str, max_length: int, system_prompt: str | None = None) -> Encoded:
@@ -80,12 +95,16 @@ def encode_record(tokenizer, record: dict, fmt: str, max_length: int, system_pro
     raise DataError(f"data.format '{fmt}' cannot be used for language-model training")
 
 
-def encode_records(tokenizer, records: list[dict], data) -> list[dict]:
+def encode_records(tokenizer, records: list[dict], data, report: EncodeReport | None = None) -> list[dict]:
     """Features for a DataConfig's format; examples with nothing to learn (e.g. truncated before the
-    answer) dropped."""
-    features = [encode_record(tokenizer, r, data.format, data.max_length, data.system_prompt).as_dict()
-                for r in records]
-    return [f for f in features if any(t != IGNORE for t in f["labels"][1:])]
+    answer) dropped. `report`, when given, counts the truncated and the dropped."""
+    encoded = [encode_record(tokenizer, r, data.format, data.max_length, data.system_prompt) for r in records]
+    features = [e.as_dict() for e in encoded if any(t != IGNORE for t in e.labels[1:])]
+    if report is not None:
+        report.encoded += len(encoded)
+        report.truncated += sum(e.truncated for e in encoded)
+        report.dropped_nothing_to_learn += len(encoded) - len(features)
+    return features
 
 
 def render_pair(tokenizer, prompt: str, response: str, system_prompt: str | None = None) -> str:

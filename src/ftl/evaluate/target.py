@@ -7,6 +7,7 @@ transformers load at module level.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -21,6 +22,14 @@ from ftl.evaluate.report import write_report
 from ftl.models.trained import load_trained_causal_lm
 
 SUFFIX_KIND = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+FORMATS = get_args(DataConfig.model_fields["format"].annotation)
+
+
+def check_format(fmt: str | None, data: str | None) -> None:
+    if fmt is not None and fmt not in FORMATS:
+        raise FtlError(f"--format {fmt}: not a record format; one of {', '.join(FORMATS)}")
+    if fmt and not data:
+        raise FtlError("--format describes --data: give both (a run directory alone uses its own data)")
 
 
 def data_config_for_file(path: str, fmt: str, like: DataConfig | None) -> DataConfig:
@@ -36,6 +45,7 @@ def data_config_for_file(path: str, fmt: str, like: DataConfig | None) -> DataCo
 
 def evaluate_target(target: str, data: str | None = None, fmt: str | None = None, split: str = "validation",
                     out: str | None = None, max_new_tokens: int = 24, samples: int = 3) -> dict:
+    check_format(fmt, data)  # before a model loads
     path = Path(target)
     if (path / layout.RECIPE_FILE).exists():
         model, tokenizer, recipe = load_trained_causal_lm(path)

@@ -11,26 +11,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from ftl.config.environment import expand_launch_env, has_reference
 from ftl.config.schema import Recipe
+from ftl.config.secret_keys import REDACTED, hide, is_secret, redact_override
 from ftl.errors import LaunchError
 
 
 @dataclass
 class LaunchCommand:
+    """argv, and the environment it adds: launch.env as the recipe writes it, `${VAR}` references unexpanded
+    until runnable() (so the command can be shown without the values)."""
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
 
     def shell(self) -> str:
-        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
-        return (env + " " if env else "") + " ".join(shlex.quote(a) for a in self.argv)
+        """The command to show, never to run: secrets as ***, references left for the shell to expand."""
+        env = " ".join(f"{k}={shown_env_value(k, v)}" for k, v in self.env.items())
+        argv = " ".join(shlex.quote(hide(redact_override(a))) for a in self.argv)
+        return (env + " " if env else "") + argv
 
 
-def ftl_run_args(recipe_path: str, profile: str | None, overrides: list[str], resume: bool) -> list[str]:
+def shown_env_value(name: str, value: str) -> str:
+    if has_reference(value):  # "${HF_TOKEN}": a pasted command expands it like ftl does
+        return '"' + "".join("\\" + c if c in '"\\`' else c for c in value) + '"'
+    return REDACTED if is_secret(("launch", "env", name), value) else shlex.quote(hide(value))
+
+
+def ftl_run_args(recipe_path: str, profile: str | None, overrides: list[str], resume: bool,
+                 overwrite: bool = False) -> list[str]:
     args = ["-m", "ftl", "run", str(recipe_path)]
     if profile:
         args += ["--profile", profile]
     if resume:
         args.append("--resume")
+    if overwrite:
+        args.append("--overwrite")
     return args + list(overrides)
 
 
@@ -48,11 +63,17 @@ class NodeRole:
 
 def build_launch_command(recipe: Recipe, recipe_path: str, overrides: list[str] = (),
                          resume: bool = False, python: str = "python",
-                         node: Optional[NodeRole] = None) -> LaunchCommand:
+                         node: Optional[NodeRole] = None, overwrite: bool = False) -> LaunchCommand:
     launch = recipe.launch
     if node and launch.num_machines == 1:
         raise LaunchError("--machine-rank/--main-ip are for multi-node launches (launch.num_machines > 1)")
-    run_args = ftl_run_args(recipe_path, recipe.profile, overrides, resume)
+    run_args = ftl_run_args(recipe_path, recipe.profile, overrides, resume, overwrite)
+    expand_launch_env(launch.env, recipe_path)  # an unset ${VAR} is refused now, not when the run starts
+    hidden = [name for name, value in launch.env.items() if value == REDACTED]
+    if hidden:  # a run folder's recipe.yaml: the value was never written, so it cannot be launched from it
+        raise LaunchError(f"{recipe_path}: launch.env.{hidden[0]} is '{REDACTED}', a secret ftl hid when it saved "
+                          f"this recipe; refer to the environment instead ({hidden[0]}: ${{{hidden[0]}}}) and "
+                          "export the variable")
     env = dict(launch.env)
     if launch.device == "cpu":
         # 2 ranks x 2 threads on 2 cores ran 12x slower than 1 thread each
@@ -158,4 +179,4 @@ def runnable(command: LaunchCommand) -> tuple[list[str], dict[str, str]]:
         argv = [sys.executable, "-m", "torch.distributed.run"] + argv[1:]
     elif argv[0] == "python":
         argv[0] = sys.executable
-    return argv, {**os.environ, **command.env}
+    return argv, {**os.environ, **expand_launch_env(command.env, "the launch command")}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from ftl.errors import RecipeError
+from ftl.methods.lora import check_target_modules
+
 
 def peft_config(cfg, task_type: str = "CAUSAL_LM"):
     import peft
@@ -26,4 +29,15 @@ def peft_config(cfg, task_type: str = "CAUSAL_LM"):
 def apply(model, cfg, gradient_checkpointing: bool = False, task_type: str = "CAUSAL_LM"):
     from peft import get_peft_model
 
+    if cfg.kind == "ia3":
+        check_ia3_modules(model, cfg.ia3)
     return get_peft_model(model, peft_config(cfg, task_type))
+
+
+def check_ia3_modules(model, options) -> None:
+    """The defaults name Llama's layers (k_proj, v_proj, down_proj): other models need their own names."""
+    check_target_modules(model, options.target_modules, "method.ia3.target_modules")
+    outside = [m for m in options.feedforward_modules if m not in options.target_modules]
+    if outside:
+        raise RecipeError(f"method.ia3.feedforward_modules: {outside} are not in method.ia3.target_modules "
+                          f"{options.target_modules} (feed-forward modules are a subset of the targets)")

@@ -25,6 +25,8 @@ def merge_run(run_dir: Path, out: Optional[Path] = None, dtype: Optional[str] = 
     from transformers import AutoTokenizer
 
     run_dir = Path(run_dir)
+    if not (run_dir / layout.RECIPE_FILE).is_file():
+        raise FtlError(f"{run_dir}: not a run directory (no {layout.RECIPE_FILE})")
     recipe = load_recipe(run_dir / layout.RECIPE_FILE)
     kind = recipe.method.kind
     if not METHODS[kind].mergeable:
@@ -32,6 +34,8 @@ def merge_run(run_dir: Path, out: Optional[Path] = None, dtype: Optional[str] = 
         raise FtlError(f"{run_dir}: method '{kind}' has nothing to merge (mergeable: {mergeable}); "
                        f"the model in {run_dir / layout.FINAL_DIR} is already what to load")
     final = run_dir / layout.FINAL_DIR
+    if not final.is_dir():
+        raise FtlError(f"{final}: no trained model to merge (has the run finished?)")
     tokenizer = AutoTokenizer.from_pretrained(final)
     bits = METHODS[kind].quant_bits
     head = "sequence_classification" if recipe.stage == "reward" else "causal_lm"

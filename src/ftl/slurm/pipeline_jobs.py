@@ -29,7 +29,8 @@ def submit_pipeline(path: str | Path, profile: Optional[str], options: JobOption
         stage_options = dataclasses.replace(options, job_name=f"ftl-{spec.name}-{plan.name}")
         sub = submit_recipe(str(plan.recipe_path), profile, plan.overrides, stage_options, dry_run,
                             dependency=previous, show_script=False,
-                            export={"FTL_PIPELINE": str(path), "FTL_PIPELINE_STAGE": plan.name})
+                            export={"FTL_PIPELINE": str(path), "FTL_PIPELINE_STAGE": plan.name,
+                                    "FTL_OVERWRITE": "1"})  # the pipeline reruns this stage: replace it
         previous = sub.job_id or f"${plan.name}_job"
         submitted[plan.name] = {"job_id": sub.job_id, "script": str(sub.script),
                                 "log": str(sub.log).replace("%x", stage_options.job_name)

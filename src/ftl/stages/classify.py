@@ -8,6 +8,7 @@ accuracy, macro precision/recall/F1 and the confusion matrix from the shared eva
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -15,33 +16,54 @@ import torch.nn.functional as F
 
 from ftl import run_dir as layout
 from ftl.config.schema import Recipe
+from ftl.data.splits import Splits
+from ftl.data.tokenize import EncodeReport
 from ftl.errors import DataError, RecipeError
 from ftl.evaluate.classification import classification_metrics
 from ftl.evaluate.sharded import sum_over_ranks
 from ftl.stages.session import RunSession
 
 
-def label_names(recipe: Recipe, records: list[dict]) -> list[str]:
-    """Names in id order: classify.labels, else the data's labels sorted (integers as themselves)."""
+def label_names(recipe: Recipe, splits: Splits) -> list[str]:
+    """Names in id order: classify.labels, else the labels training holds, sorted (integers by value), so
+    no class exists that nothing trains. A label only validation or test holds is refused by name."""
     if recipe.classify.labels:
         return list(recipe.classify.labels)
-    values = {r["label"] for r in records}
-    if all(isinstance(v, int) for v in values):
-        return [str(i) for i in range(max(values) + 1)]
-    return sorted(str(v) for v in values)
+    seen = {r["label"] for r in splits.train}
+    numbers, words = sorted(v for v in seen if isinstance(v, int)), sorted(v for v in seen if isinstance(v, str))
+    names = list(dict.fromkeys(str(v) for v in numbers + words))  # 7 and "7" are one class
+    if len(names) < 2:
+        raise DataError(f"data: the training split holds only label {names}: a classifier needs at least two")
+    for split in ("validation", "test"):
+        unseen = Counter(str(r["label"]) for r in getattr(splits, split) if str(r["label"]) not in names)
+        if unseen:
+            listed = ", ".join(f"{label!r} ({count} rows)" for label, count in unseen.most_common())
+            raise DataError(f"data: the {split} split holds labels the training split never has: {listed} "
+                            f"(training has {names}); fix the data, or name every class in classify.labels")
+    return names
 
 
 def label_id(value, names: list[str], where: str) -> int:
-    if isinstance(value, int) and 0 <= value < len(names):
-        return value
+    """By name first (names from the data are its values as text); an integer is an index into
+    classify.labels (0 → the first name)."""
     if str(value) in names:
         return names.index(str(value))
+    if isinstance(value, int) and 0 <= value < len(names):
+        return value
     raise DataError(f"{where}: label {value!r} is not one of classify.labels {names}")
 
 
-def encode_texts(tokenizer, records: list[dict], names: list[str], max_length: int) -> list[dict]:
-    ids = tokenizer([r["text"] for r in records], truncation=True, max_length=max_length)["input_ids"]
-    return [{"input_ids": row, "label": label_id(r["label"], names, f"data record {i}")}
+def encode_texts(tokenizer, records: list[dict], names: list[str], max_length: int, split: str,
+                 report: EncodeReport | None = None) -> list[dict]:
+    if not records:  # a fast tokenizer fails on an empty batch
+        return []
+    texts = [r["text"] for r in records]
+    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    if report is not None:  # one token more shows what was cut (the special tokens stay either way)
+        longer = tokenizer(texts, truncation=True, max_length=max_length + 1)["input_ids"]
+        report.encoded += len(texts)
+        report.truncated += sum(len(row) > max_length for row in longer)
+    return [{"input_ids": row, "label": label_id(r["label"], names, f"{split} record {i}")}
             for i, (row, r) in enumerate(zip(ids, records))]
 
 
@@ -105,13 +127,14 @@ def freeze_all_but_head(model, recipe: Recipe) -> None:
 def run_classify(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     session = RunSession(recipe, run_dir, resume)
     splits, tokenizer = session.open()
-    names = label_names(recipe, splits.train + splits.validation + splits.test)
+    names = label_names(recipe, splits)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    train, validation, test = (encode_texts(tokenizer, records, names, recipe.data.max_length) for records in
-                               (splits.train, session.validation_records(splits),
-                                splits.test[: recipe.eval.max_examples]))
-    rows = session.training_rows(train, packable=False)
+    encoding, length = EncodeReport(), recipe.data.max_length
+    train = encode_texts(tokenizer, splits.train, names, length, "train", encoding)
+    validation = encode_texts(tokenizer, session.validation_records(splits), names, length, "validation")
+    test = encode_texts(tokenizer, splits.test[: recipe.eval.max_examples], names, length, "test")
+    rows = session.training_rows(train, packable=False, encoding=encoding)
     session.note_data(labels=names)
     if session.main:
         (run_dir / layout.LABELS_FILE).write_text(json.dumps(names, ensure_ascii=False))

@@ -7,25 +7,29 @@ pairs. Works with full fine-tuning, LoRA and QLoRA (PEFT's SEQ_CLS task keeps th
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ftl.config.schema import Recipe
-from ftl.data.tokenize import render_pair
+from ftl.data.tokenize import EncodeReport, render_pair
 from ftl.evaluate.sharded import sum_over_ranks
 from ftl.models.scoring import sequence_scores
 from ftl.stages.session import RunSession
 
 
-def encode_pairs(tokenizer, records: list[dict], recipe: Recipe) -> list[dict]:
-    out = []
+def encode_pairs(tokenizer, records: list[dict], recipe: Recipe, report: Optional[EncodeReport] = None) -> list[dict]:
+    """Chosen and rejected conversations as token ids, each cut at data.max_length (counted in `report`)."""
+    out, limit = [], recipe.data.max_length
     for r in records:
         chosen = render_pair(tokenizer, r["prompt"], r["chosen"], recipe.data.system_prompt)
         rejected = render_pair(tokenizer, r["prompt"], r["rejected"], recipe.data.system_prompt)
         ids = tokenizer([chosen, rejected], add_special_tokens=False)["input_ids"]
-        out.append({"chosen_input_ids": ids[0][: recipe.data.max_length],
-                    "rejected_input_ids": ids[1][: recipe.data.max_length]})
+        out.append({"chosen_input_ids": ids[0][:limit], "rejected_input_ids": ids[1][:limit]})
+        if report is not None:
+            report.encoded += 1
+            report.truncated += max(len(ids[0]), len(ids[1])) > limit
     return out
 
 
@@ -69,9 +73,10 @@ def pairwise_metrics(model, features: list[dict], pad_id: int, batch_size: int =
 def run_reward(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     session = RunSession(recipe, run_dir, resume)
     splits, tokenizer = session.open()
-    train = encode_pairs(tokenizer, splits.train, recipe)
+    encoding = EncodeReport()
+    train = encode_pairs(tokenizer, splits.train, recipe, encoding)
     validation = encode_pairs(tokenizer, session.validation_records(splits), recipe)
-    rows = session.training_rows(train, packable=False)
+    rows = session.training_rows(train, packable=False, encoding=encoding)
     model = session.prepare_model(tokenizer, head="sequence_classification")
     pad = tokenizer.pad_token_id
 

@@ -24,48 +24,62 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 
 from ftl import run_dir as layout
 from ftl.config import resolved_dict, save_resolved
 from ftl.config.schema import Recipe
 from ftl.data import load_splits
 from ftl.data.packing import pack_sequences
+from ftl.errors import DataError, FtlError
 from ftl.evaluate.report import write_report
 from ftl.methods import METHODS, apply_method, save_trained, trainable_summary
 from ftl.models.load import base_model_dir, load_model, load_tokenizer, record_texts
+from ftl.run_dir import ensure_run_dir
+from ftl.run_lock import RunLock, RunLocked
 from ftl.track.manifest import update_manifest, write_manifest
 from ftl.track.metrics import MetricsLog
 from ftl.track.plot import plot_curves
 from ftl.track.wandb_run import WandbSink
-from ftl.train.checkpoint import latest_checkpoint
+from ftl.train.checkpoint import resume_point
 from ftl.train.controls import apply_freeze, check_loop_controls, trainable_names
-from ftl.train.distributed import is_sharded, make_accelerator, rank_checks
+from ftl.train.distributed import describe_runtime, is_sharded, make_accelerator, rank_checks
 from ftl.train.loop import FitResult, LossFn, fit
+from ftl.train.resume_contract import check_resume, check_resume_step, make_contract, write_contract
 
 Metrics = Callable[[Any], dict]  # evaluate(model) -> validation metrics
 
 
 class RunSession:
     def __init__(self, recipe: Recipe, run_dir: Path, resume: bool):
-        self.recipe, self.run_dir, self.resume = recipe, run_dir, resume
+        self.recipe, self.run_dir, self.resume = recipe, Path(run_dir), resume
         check_loop_controls(recipe)
         self.accelerator = make_accelerator(recipe.train, recipe.launch)
         self.main = self.accelerator.is_main_process
         set_seed(recipe.train.seed)
-        checkpoint = latest_checkpoint(run_dir) if resume else None
-        self.resume_step = int(checkpoint.name.split("-")[1]) if checkpoint else None
-        if self.main:
-            if not resume and (run_dir / layout.METRICS_FILE).exists():
-                # A fresh run in a used directory: start clean rather than mix two runs' files.
-                for name in layout.RUN_OUTPUTS:
-                    shutil.rmtree(run_dir / name, ignore_errors=True)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_resolved(recipe, run_dir / layout.RECIPE_FILE)
-        self.accelerator.wait_for_everyone()
+        self._take_run_lock()
+        self.resume_step = resume_point(self.run_dir, self.accelerator.print) if resume else None
         self.sinks, self.wandb = [], None
         self.manifest_fields: dict = {"world_size": self.accelerator.num_processes, "stage": recipe.stage,
-                                      "profile": recipe.profile, "resumed_from_step": self.resume_step}
+                                      "profile": recipe.profile, "resumed_from_step": self.resume_step,
+                                      "runtime": describe_runtime(self.accelerator)}  # what really runs
+
+    def _take_run_lock(self) -> None:
+        """The main process locks the run directory; every rank learns the outcome (ranks share the
+        lock), so a refused run stops on every rank instead of leaving the others in a barrier."""
+        outcome = None
+        if self.main:
+            try:
+                ensure_run_dir(self.run_dir)
+                note = RunLock(self.run_dir).acquire()
+                if note:
+                    print(note, flush=True)
+            except FtlError as err:
+                outcome = (type(err).__name__, str(err))
+        if self.accelerator.num_processes > 1:
+            outcome = broadcast_object_list([outcome])[0]
+        if outcome is not None:
+            raise {"RunLocked": RunLocked}.get(outcome[0], FtlError)(outcome[1])
 
     def record(self, key: str, value) -> None:
         """A stage's own manifest entry (written with the manifest when the method is applied)."""
@@ -73,8 +87,23 @@ class RunSession:
 
     # -- data and model ----------------------------------------------------------------------
     def open(self):
-        """(splits, tokenizer): the recipe's data, and the tokenizer built or loaded for it."""
+        """(splits, tokenizer): the recipe's data, and the tokenizer built or loaded for it. Only once the
+        recipe and data have validated does anything in the run directory change: a resume is checked
+        against the run's contract, a fresh run replaces the outputs of a run it was allowed to replace."""
         splits = self.load_data()
+        contract = make_contract(resolved_dict(self.recipe), splits.fingerprints())
+        if self.resume:
+            check_resume(self.run_dir, contract)
+            if self.recipe.train.max_steps is not None:  # else fit checks, once it knows the length
+                check_resume_step(self.resume_step, self.recipe.train.max_steps, self.run_dir, lambda _: None)
+        if self.main:
+            if not self.resume:
+                if (self.run_dir / layout.METRICS_FILE).exists():  # an earlier run's (the runner allowed it)
+                    for name in layout.RUN_OUTPUTS:
+                        shutil.rmtree(self.run_dir / name, ignore_errors=True)
+                write_contract(self.run_dir, contract)
+            save_resolved(self.recipe, self.run_dir / layout.RECIPE_FILE)
+        self.accelerator.wait_for_everyone()
         return splits, self.tokenizer(splits.train)
 
     def validation_records(self, splits) -> list[dict]:
@@ -128,12 +157,19 @@ class RunSession:
                                    "training without packing")
         return packing
 
-    def training_rows(self, features: list[dict], packable: bool = True) -> list[dict]:
+    def training_rows(self, features: list[dict], packable: bool = True, encoding=None) -> list[dict]:
         """The rows the loop trains on: features packed into data.max_length rows when allowed; the
-        manifest records examples, rows and whether they were packed."""
+        manifest records examples, rows, whether they were packed and (given the encoding report) how many
+        examples were truncated or dropped. No example left to train on is refused here."""
+        if not features:
+            counts = f" ({encoding.as_dict()})" if encoding is not None else ""
+            raise DataError(f"data: no training example is left after tokenising{counts}: every one was cut at "
+                            f"data.max_length={self.recipe.data.max_length} before anything to learn; raise "
+                            "data.max_length or shorten the prompts")
         packing = packable and self.packs()
         rows = pack_sequences(features, self.recipe.data.max_length) if packing else features
-        self.note_data(examples=len(features), rows=len(rows), packed=packing)
+        self.note_data(examples=len(features), train_rows=len(rows), packed=packing,
+                       **(encoding.as_dict() if encoding is not None else {}))
         return rows
 
     def apply_method(self, model, task_type: str = "CAUSAL_LM"):
@@ -166,7 +202,7 @@ class RunSession:
     # -- tracking --------------------------------------------------------------------------
     def _start_tracking(self) -> None:
         if self.main:
-            write_manifest(self.run_dir / layout.MANIFEST_FILE, **self.manifest_fields)
+            write_manifest(self.run_dir / layout.MANIFEST_FILE, keep_attempts=self.resume, **self.manifest_fields)
             if self.recipe.track.wandb.enabled:
                 self.wandb = WandbSink(self.recipe.track.wandb, self.run_dir,
                                        f"{self.recipe.name}-{self.recipe.profile or 'base'}",

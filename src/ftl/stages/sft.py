@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ftl.config.schema import Recipe
 from ftl.data.packing import collate
-from ftl.data.tokenize import encode_records
+from ftl.data.tokenize import EncodeReport, encode_records
 from ftl.evaluate.generate import generate_samples, sample_prompts
 from ftl.evaluate.lm import causal_lm_loss, lm_loss
 from ftl.stages.session import RunSession
@@ -20,9 +20,10 @@ from ftl.stages.sft_qat import compare_qat
 def run_sft(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     session = RunSession(recipe, run_dir, resume)
     splits, tokenizer = session.open()
-    train = encode_records(tokenizer, splits.train, recipe.data)
+    encoding = EncodeReport()  # truncated / dropped training examples, for the manifest
+    train = encode_records(tokenizer, splits.train, recipe.data, encoding)
     validation = encode_records(tokenizer, session.validation_records(splits), recipe.data)
-    rows = session.training_rows(train)
+    rows = session.training_rows(train, encoding=encoding)
     model = session.prepare_model(tokenizer)
     evaluate = lm_evaluation(session, tokenizer, validation, splits.validation)
 

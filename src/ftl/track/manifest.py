@@ -38,16 +38,27 @@ def git_commit() -> dict:
         return {"commit": None, "dirty": None}
 
 
-def write_manifest(path: Path, **fields) -> dict:
+def write_manifest(path: Path, keep_attempts: bool = False, **fields) -> dict:
+    """The manifest of this attempt. `attempts` lists every start of the run (time, command, resumed-from
+    step); with keep_attempts (a resume) the earlier ones are kept rather than rewritten."""
+    command, started = redact_argv(sys.argv), time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    earlier = []
+    if keep_attempts and path.exists():
+        try:
+            earlier = json.loads(path.read_text()).get("attempts", [])
+        except ValueError:  # a damaged manifest loses its history, not the run
+            earlier = []
     manifest = {
-        "command": redact_argv(sys.argv),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": command,
+        "started": started,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "host": platform.node(),
         "packages": package_versions(),
         "git": git_commit(),
         **fields,
+        "attempts": earlier + [{"started": started, "command": command,
+                                "resumed_from_step": fields.get("resumed_from_step"), "host": platform.node()}],
     }
     path.write_text(redact(json.dumps(manifest, indent=1, ensure_ascii=False, default=str)))
     return manifest

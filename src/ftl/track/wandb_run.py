@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import netrc
 import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from ftl.config.schema import WandbConfig
+from ftl.config.secret_keys import redact_tree
+from ftl.track.secrets import redact_argv
 
 
 def has_api_key() -> bool:
@@ -26,16 +30,30 @@ def choose_mode(cfg: WandbConfig) -> str:
     return "online" if has_api_key() else "offline"
 
 
+@contextmanager
+def redacted_command_line():
+    """W&B records sys.argv (its metadata and debug log) when a run starts: show it the redacted one."""
+    argv = sys.argv
+    sys.argv = redact_argv(argv)
+    try:
+        yield
+    finally:
+        sys.argv = argv
+
+
 class WandbSink:
-    """Callable sink for MetricsLog; the key is read by wandb from the environment, never stored."""
+    """Callable sink for MetricsLog; the key is read by wandb from the environment, never stored. The
+    recipe's secrets reach neither W&B's config nor its logs: `config` is redacted here."""
 
     def __init__(self, cfg: WandbConfig, run_dir: Path, name: str, config: dict):
         import wandb
 
         self.mode = choose_mode(cfg)
         os.environ.setdefault("WANDB_SILENT", "true")
-        self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=name, dir=str(run_dir),
-                              mode=self.mode, config=config, tags=cfg.tags, reinit="finish_previous")
+        with redacted_command_line():
+            self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=name, dir=str(run_dir),
+                                  mode=self.mode, config=redact_tree(config), tags=cfg.tags,
+                                  reinit="finish_previous")
         where = self.run.dir if self.mode != "disabled" else "(disabled)"
         print(f"ftl: W&B {self.mode} run; files in {where}", flush=True)
 

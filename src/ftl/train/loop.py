@@ -13,6 +13,9 @@ gradual unfreezing (`train.unfreeze`, a list of phases: the optimizer, scheduler
 rebuilt at every phase boundary; a checkpoint records its phase, so a resume rebuilds that phase before
 loading) and early stopping (`train.early_stopping`: evaluate, checkpoint and maybe keep `best/` at every
 epoch end).
+
+A stall watchdog (ftl.train.watchdog, `train.stall_timeout_s`) is beaten at every micro-batch, optimizer step
+and evaluation: a rank that stops making progress dumps its stacks and exits instead of hanging the job.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ from ftl.track.manifest import update_manifest
 from ftl.train import controls
 from ftl.train.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from ftl.train.distributed import offloads_optimizer, uses_deepspeed
+from ftl.train.resume_contract import check_resume_step
 from ftl.train.signals import StopRequest
+from ftl.train.watchdog import Watchdog
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]  # (mean loss, targets counted)
 
@@ -84,13 +89,18 @@ def build_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
                          num_training_steps=total_steps)
 
 
-def micro_batches(n_examples: int, batch_size: int, world: int, rank: int, seed: int):
-    """Endless (epoch, indices) of this rank's micro-batches; the order depends only on seed + epoch."""
-    per_global = batch_size * world
-    per_epoch = n_examples // per_global
-    if per_epoch == 0:
+def micro_batches(n_examples: int, batch_size: int, world: int, rank: int, seed: int) -> Iterator[tuple[int, list]]:
+    """Endless (epoch, indices) of this rank's micro-batches; the order depends only on seed + epoch.
+    Data too small for one batch is refused here, before the first step, not at it."""
+    if n_examples // (batch_size * world) == 0:
         raise DataError(f"{n_examples} training examples cannot fill one batch of {batch_size} x "
                         f"{world} ranks; lower train.batch_size or add data")
+    return _micro_batches(n_examples, batch_size, world, rank, seed)
+
+
+def _micro_batches(n_examples: int, batch_size: int, world: int, rank: int, seed: int):
+    per_global = batch_size * world
+    per_epoch = n_examples // per_global
     epoch = 0
     while True:
         order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
@@ -212,37 +222,42 @@ def fit(*, accelerator, model, cfg: TrainConfig, features: list[dict], collate: 
     `before_training(model)` runs on the prepared model before a fresh (not resumed) run's first step."""
     opt = _Optimization(accelerator, model, cfg, len(features), param_groups, run_dir)
     total = opt.total
+    watchdog = Watchdog(cfg.stall_timeout_s, run_dir, accelerator.process_index)
+    evaluate = watchdog.watched(evaluate)
     validation = Validation(accelerator, cfg, len(features), total, evaluate, eval_every, log, run_dir, save_model)
     result = FitResult(steps=total, optimizer_builds=opt.builds)
     model, optimizer, step = _start_or_resume(accelerator, model, opt, validation.stopper, run_dir, resume,
                                               before_training, result)
     stop = StopRequest().install()
-    batches = training_batches(accelerator, cfg, features, collate, done_steps=step)
+    batches = watchdog.beating(training_batches(accelerator, cfg, features, collate, done_steps=step))
 
     bar = _progress(total, step, enabled=progress and accelerator.is_main_process)
     model.train()
-    while step < total and not validation.stopper.stopped:
-        if (upcoming := controls.phase_for_next_step(opt.phases, step)) != opt.phase:
-            model, optimizer = opt.build(model, upcoming, step)
-            model.train()
-        started = time.perf_counter()
-        done = accumulate(accelerator, model, optimizer, opt.scheduler, batches, loss_fn, cfg)
-        step += 1
-        record = step_record(accelerator, step, done, opt.lr(), opt.phase if opt.phased else None, started)
-        if step % cfg.log_every == 0 or step == total:
-            log(record)
-            result.history.append(record)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
-        epoch_evaluated = validation.after_step(model, step)
-        state = {"step": step, "total": total, "unfreeze_phase": opt.phase, **validation.checkpoint_state()}
-        if checkpoint_and_maybe_stop(accelerator, run_dir, step, state, cfg, stop, force=epoch_evaluated,
-                                     last=step == total or validation.stopper.stopped):
-            result.interrupted = True
-            break
-        if validation.stops_early(step):
-            break
+    # watched only while it trains: the final evaluation and save (in the stage) may take far longer
+    with watchdog.running(step):
+        while step < total and not validation.stopper.stopped:
+            if (upcoming := controls.phase_for_next_step(opt.phases, step)) != opt.phase:
+                model, optimizer = opt.build(model, upcoming, step)
+                model.train()
+            started = time.perf_counter()
+            done = accumulate(accelerator, model, optimizer, opt.scheduler, batches, loss_fn, cfg)
+            step += 1
+            record = step_record(accelerator, step, done, opt.lr(), opt.phase if opt.phased else None, started)
+            watchdog.beat(step)
+            if step % cfg.log_every == 0 or step == total:
+                log(record)
+                result.history.append(record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+            epoch_evaluated = validation.after_step(model, step)
+            state = {"step": step, "total": total, "unfreeze_phase": opt.phase, **validation.checkpoint_state()}
+            if checkpoint_and_maybe_stop(accelerator, run_dir, step, state, cfg, stop, force=epoch_evaluated,
+                                         last=step == total or validation.stopper.stopped):
+                result.interrupted = True
+                break
+            if validation.stops_early(step):
+                break
     if bar is not None:
         bar.close()
     result.steps = step
@@ -261,6 +276,7 @@ def _start_or_resume(accelerator, model, opt: _Optimization, stopper: controls.E
     if ckpt is not None:
         saved = read_state(ckpt)
         step = saved["step"]
+        check_resume_step(step, opt.total, ckpt, accelerator.print)
     # the phase whose optimizer the checkpoint holds (a checkpoint at a boundary holds the earlier phase's)
     phase = saved.get("unfreeze_phase", controls.phase_of_step(opt.phases, step))
     model, optimizer = opt.build(model, phase, step)

@@ -26,7 +26,9 @@ from ftl.stages.session import RunSession
 from ftl.train.checkpoint import latest_checkpoint, load_checkpoint
 from ftl.train.distributed import is_sharded
 from ftl.train.loop import FitResult, checkpoint_and_maybe_stop, micro_batches
+from ftl.train.resume_contract import check_resume_step
 from ftl.train.signals import StopRequest
+from ftl.train.watchdog import Watchdog
 
 
 class PolicyAndValue(torch.nn.Module):
@@ -104,18 +106,22 @@ def run_ppo(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     step, total = 0, recipe.train.max_steps or 1
     if resume and (checkpoint := latest_checkpoint(run_dir)) is not None:
         step = load_checkpoint(acc, checkpoint)["step"]
+        check_resume_step(step, total, checkpoint, acc.print)
     batches = micro_batches(len(prompts), recipe.ppo.rollout_batch, acc.num_processes, acc.process_index,
                             recipe.train.seed)
     for _ in range(step):  # skip the prompt batches the checkpointed run had used
         next(batches)
     stop = StopRequest().install()
-    while step < total:
-        _, indices = next(batches)
-        session.log(ppo_iteration(session, models, tokenizer, [prompts[i] for i in indices], step))
-        step += 1
-        if checkpoint_and_maybe_stop(acc, run_dir, step, {"step": step, "total": total}, recipe.train, stop,
-                                     last=step == total):
-            break
+    # watched only while it trains, like fit: the final comparison and save may take far longer
+    with Watchdog(recipe.train.stall_timeout_s, run_dir, acc.process_index).running(step) as watchdog:
+        while step < total:
+            _, indices = next(batches)
+            session.log(ppo_iteration(session, models, tokenizer, [prompts[i] for i in indices], step))
+            step += 1
+            watchdog.beat(step)
+            if checkpoint_and_maybe_stop(acc, run_dir, step, {"step": step, "total": total}, recipe.train, stop,
+                                         last=step == total):
+                break
 
     result = FitResult(steps=step, interrupted=step < total)
     return session.finish(models.trained, tokenizer, result,

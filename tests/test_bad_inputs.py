@@ -1,0 +1,308 @@
+"""Bad input, as a new user types it: every case exits 2 with one `ftl: error:` line naming the file, key
+or line and what was expected, prints no traceback, and removes nothing from an existing run folder.
+
+Cases run in-process through the CLI's `main()` (no interpreter start each), all pointed at one finished
+run's folder (with --overwrite where the recipe is the subject, so the folder check does not answer
+first): the folder's files must be untouched after every case.
+"""
+
+import json
+import re
+import shutil
+
+import pytest
+
+from conftest import tiny_recipe_dict, write_recipe
+from ftl.cli import main
+from ftl.run_dir import LOCK_FILE
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A finished tiny run (the folder bad inputs must not touch), its recipe, and a data folder."""
+    tmp = tmp_path_factory.mktemp("bad_inputs")
+    recipe = tiny_recipe_dict(tmp / "run", train={"max_steps": 4, "save_every": 2})
+    path = write_recipe(tmp / "good.yaml", recipe)
+    with pytest.raises(SystemExit) as done:
+        main(["run", str(path)])
+    assert done.value.code == 0
+    return {"tmp": tmp, "run": tmp / "run", "recipe": recipe, "good": path}
+
+
+def snapshot(run_dir) -> dict:
+    return {str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != LOCK_FILE}
+
+
+def refused(capsys, world, argv: list[str], expected: str) -> str:
+    before = snapshot(world["run"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("ftl: error: ")]
+    assert len(lines) == 1, err
+    assert re.search(expected, err, re.S), f"expected /{expected}/ in:\n{err}"
+    assert snapshot(world["run"]) == before, "a refused input changed the run folder"
+    return err
+
+
+def recipe_file(world, name: str, text: str):
+    path = world["tmp"] / f"{name}.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def variant(world, name: str, **sections) -> str:
+    """The good recipe with sections replaced (None deletes a key)."""
+    recipe = json.loads(json.dumps(world["recipe"]))
+    for key, value in sections.items():
+        if value is None:
+            recipe.pop(key, None)
+        else:
+            recipe[key] = value
+    return str(write_recipe(world["tmp"] / f"{name}.yaml", recipe))
+
+
+def data_file(world, name: str, content: bytes) -> str:
+    path = world["tmp"] / name
+    path.write_bytes(content)
+    return str(path)
+
+
+# -- recipes: each (name, recipe text or sections, expected) --------------------------------------
+RECIPE_TEXT = {
+    "not yaml": ("name: t\ntrain: {lr: [\n", r"bad_not yaml\.yaml:\d+: not valid YAML"),
+    "a list": ("- name: t\n", r"a recipe is a mapping of keys"),
+    "misspelt section": ("name: t\ntrian: {lr: 1}\ndata: {source: {kind: chatterbot}, format: chat}\n",
+                         r":2: unknown key 'trian'; did you mean 'train'"),
+    "misspelt key": ("name: t\ntrain: {lrr: 1}\ndata: {source: {kind: chatterbot}, format: chat}\n",
+                     r":2: unknown key 'train\.lrr'; did you mean 'train\.lr'"),
+    "no data": ("name: t\n", r"data: Field required"),
+    "batch size a word": ("name: t\ntrain: {batch_size: eight}\ndata: {source: {kind: chatterbot}, format: chat}\n",
+                          r":2: train\.batch_size: Input should be a valid integer.*'eight'"),
+    "negative lr": ("name: t\ntrain: {lr: -1}\ndata: {source: {kind: chatterbot}, format: chat}\n",
+                    r"train\.lr: Input should be greater than 0"),
+    "unknown stage": ("name: t\nstage: sftt\ndata: {source: {kind: chatterbot}, format: chat}\n",
+                      r"stage: Input should be 'sft', 'reward'"),
+    "unknown method": ("name: t\nmethod: {kind: loraa}\ndata: {source: {kind: chatterbot}, format: chat}\n",
+                       r"method\.kind: Input should be 'full'"),
+    "unknown source kind": ("name: t\ndata: {source: {kind: hub}, format: chat}\n", r"data\.source\.kind"),
+    "jsonl without path": ("name: t\ndata: {source: {kind: jsonl}, format: chat}\n",
+                           r"source kind 'jsonl' needs a path"),
+    "splits leave nothing": ("name: t\ndata: {source: {kind: chatterbot}, format: chat, split: {validation: 0.6, "
+                             "test: 0.5}}\n", r"validation \+ test must leave some data"),
+    "share out of range": ("name: t\ndata: {source: {kind: chatterbot}, format: chat, share: {index: 2, of: 2}}\n",
+                           r"share index 2 must be below 'of' \(2\)"),
+    "heads do not divide": ("name: t\nmodel: {tiny: {hidden_size: 30}}\ndata: {source: {kind: chatterbot}, "
+                            "format: chat}\n", r"hidden_size must be a multiple of num_attention_heads"),
+    "reward stage on chat": ("name: t\nstage: reward\ndata: {source: {kind: chatterbot}, format: chat}\n",
+                             r"stage 'reward' trains on data\.format 'preference'.*not 'chat'"),
+    "classify on chat": ("name: t\nstage: classify\ndata: {source: {kind: chatterbot}, format: chat}\n",
+                         r"stage 'classify' trains on data\.format 'classification'"),
+    "ppo without reward": ("name: t\nstage: ppo\ndata: {source: {kind: chatterbot}, format: chat}\n",
+                           r"stage 'ppo' needs a 'reward' section"),
+    "reward model without path": ("name: t\nstage: ppo\nreward: {kind: model}\ndata: {source: {kind: chatterbot}, "
+                                  "format: chat}\n", r"reward kind 'model' needs reward\.path"),
+    "scratch with lora": ("name: t\nmodel: {init: scratch}\nmethod: {kind: lora}\ndata: {source: {kind: "
+                          "chatterbot}, format: chat}\n", r"model\.init 'scratch'.*method\.kind must be 'full'"),
+    "qat with lora": ("name: t\nmethod: {kind: lora, qat: {enabled: true}}\ndata: {source: {kind: chatterbot}, "
+                      "format: chat}\n", r"method\.qat .*needs method\.kind 'full' and stage 'sft'"),
+    "unfreeze phase with steps and epochs": (
+        "name: t\ntrain: {unfreeze: [{steps: 2, epochs: 1, lr: 0.1}]}\ndata: {source: {kind: chatterbot}, "
+        "format: chat}\n", r"an unfreeze phase needs exactly one of epochs or steps"),
+    "old and new reward spelling": ("name: t\nstage: ppo\nppo: {reward: {kind: function, function: 'm:f'}}\n"
+                                    "reward: {kind: function, function: 'm:f'}\ndata: {source: {kind: chatterbot}, "
+                                    "format: chat}\n", r"both 'ppo\.reward' \(the old spelling\) and 'reward'"),
+    "profiles not a mapping": ("name: t\nprofiles: [tiny]\ndata: {source: {kind: chatterbot}, format: chat}\n",
+                               r"'profiles' must map names to overrides"),
+    "unknown key in a profile": ("name: t\ndata: {source: {kind: chatterbot}, format: chat}\nprofiles:\n  tiny:\n"
+                                 "    trian: {lr: 1}\n", r"unknown key 'profiles\.tiny\.trian'"),
+}
+
+
+@pytest.mark.parametrize("case", list(RECIPE_TEXT))
+def test_bad_recipe(capsys, world, case):
+    text, expected = RECIPE_TEXT[case]
+    refused(capsys, world, ["run", recipe_file(world, "bad_" + case, text), f"track.output_dir={world['run']}",
+                            "--overwrite"], expected)
+
+
+# -- recipes that load but cannot run as written (refused before any model loads) ---------------
+def test_missing_recipe_file(capsys, world):
+    refused(capsys, world, ["run", str(world["tmp"] / "nope.yaml")], r"nope\.yaml: recipe file not found")
+
+
+def test_missing_profile(capsys, world):
+    refused(capsys, world, ["run", str(world["good"]), "--profile", "gpu9", "--overwrite"],
+            r"no profile 'gpu9' \(this recipe has: none\)")
+
+
+RUNTIME = {
+    "two processes started as one": (["launch.num_processes=2"], r"ask for 2 processes .* this run has 1"),
+    "ppo with epochs": (["stage=ppo", "reward={kind: function, function: 'ftl.rl.reward_functions:count_substring'}",
+                         "train.max_steps=null", "train.epochs=2"], r"train\.epochs: PPO counts iterations"),
+    "early stopping in dpo": (["stage=dpo", "data.format=preference", "train.early_stopping.metric=loss"],
+                              r"train\.early_stopping\.metric is not available in stage 'dpo'"),
+    "data file missing": (["data.source={kind: jsonl, path: /nonexistent/x.jsonl}"],
+                          r"data\.source\.path: /nonexistent/x\.jsonl does not exist"),
+    "freeze more blocks than exist": (["train.freeze.bottom_layers=9", "train.max_steps=1"],
+                                      r"train\.freeze\.bottom_layers=9 but the model has 2 transformer blocks"),
+    "freeze pattern matching nothing": (["train.freeze.modules=[nothing.here]", "train.max_steps=1"],
+                                        r"train\.freeze\.modules: 'nothing\.here' matches no parameter"),
+    "batch larger than the data": (["train.batch_size=100000", "train.max_steps=1"],
+                                   r"cannot fill one batch of 100000"),
+}
+
+
+@pytest.mark.parametrize("case", list(RUNTIME))
+def test_refused_before_training(capsys, world, case, tmp_path):
+    """Errors found once the model is built: a fresh folder (an --overwrite that got this far has
+    validated its recipe and data, and replaces the old run)."""
+    overrides, expected = RUNTIME[case]
+    refused(capsys, world, ["run", str(world["good"]), f"track.output_dir={tmp_path / 'fresh'}", *overrides],
+            expected)
+
+
+# -- overrides ------------------------------------------------------------------------------------
+OVERRIDES = {
+    "unknown key": ("train.lrr=1", r"override 'train\.lrr=1': unknown key 'train\.lrr'; did you mean 'train\.lr'"),
+    "unknown section": ("trian.lr=1", r"unknown key 'trian'; did you mean 'train'"),
+    "bad value": ("train.max_steps=-3", r"train\.max_steps: Input should be greater than 0"),
+    "wrong type": ("train.grad_accum=two", r"train\.grad_accum: Input should be a valid integer"),
+    "bad literal": ("train.precision=fp8", r"train\.precision: Input should be 'fp32', 'bf16' or 'fp16'"),
+    "key under a value": ("name.first=x", r"unknown key|Input should be a valid string"),
+}
+
+
+@pytest.mark.parametrize("case", list(OVERRIDES))
+def test_bad_override(capsys, world, case):
+    override, expected = OVERRIDES[case]
+    refused(capsys, world, ["run", str(world["good"]), "--overwrite", override], expected)
+
+
+# -- rows in each format --------------------------------------------------------------------------
+ROWS = {
+    "chat without messages": ("chat", b'{"text": "hi"}\n', r"rows\.jsonl:1: missing field 'messages'"),
+    "chat without an assistant turn": ("chat", b'{"messages": [{"role": "user", "content": "hi"}]}\n',
+                                       r"rows\.jsonl:1: messages has no assistant turn"),
+    "chat with an unknown role": ("chat", b'{"messages": [{"role": "bot", "content": "hi"}]}\n',
+                                  r"rows\.jsonl:1: messages\[0\]\.role must be one of"),
+    "completion not a string": ("prompt_completion", b'{"prompt": 3, "completion": "x"}\n',
+                                r"rows\.jsonl:1: field 'prompt' must be a string, got int"),
+    "preference without rejected": ("reward:preference", b'{"prompt": "p", "chosen": "a"}\n',
+                                    r"rows\.jsonl:1: missing field 'rejected'"),
+    "classification without label": ("classify:classification", b'{"text": "good"}\n', r"rows\.jsonl:1: missing field 'label'"),
+    "classification with a float label": ("classify:classification", b'{"text": "good", "label": 0.5}\n',
+                                          r"rows\.jsonl:1: field 'label' must be an integer or a string"),
+    "empty text": ("text", b'{"text": ""}\n', r"rows\.jsonl:1: field 'text' is empty"),
+    "prompts without prompt": ("upft:prompts", b'{"question": "why"}\n', r"rows\.jsonl:1: missing field 'prompt'"),
+    "a row that is not an object": ("text", b'["a", "b"]\n', r"rows\.jsonl:1: expected an object with fields"),
+    "invalid json line": ("text", b'{"text": "ok"}\n{"text": \n', r"rows\.jsonl:2: not valid JSON"),
+    "non-utf8 bytes": ("text", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', r"rows\.jsonl:2: .*UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", list(ROWS))
+def test_bad_row(capsys, world, case):
+    stage_format, content, expected = ROWS[case]
+    stage, _, fmt = stage_format.rpartition(":")
+    path = data_file(world, "rows.jsonl", content)
+    refused(capsys, world, ["run", str(world["good"]), "--overwrite", f"stage={stage or 'sft'}",
+                            f"data.source={{kind: jsonl, path: {path}}}", f"data.format={fmt}"], expected)
+
+
+def test_data_path_that_is_a_directory(capsys, world):
+    refused(capsys, world, ["run", str(world["good"]), "--overwrite",
+                            f"data.source={{kind: jsonl, path: {world['tmp']}}}"], r"data\.source\.path: .*(directory|folder)")
+
+
+def test_json_file_that_is_not_a_list(capsys, world):
+    path = data_file(world, "rows.json", b'{"text": "x"}')
+    refused(capsys, world, ["run", str(world["good"]), "--overwrite", f"data.source={{kind: json, path: {path}}}",
+                            "data.format=text"], r"rows\.json: expected a JSON list of rows")
+
+
+def test_every_row_rejected_shows_reasons_and_lines(capsys, world):
+    path = data_file(world, "rows.jsonl", b'{"text": ""}\n{"txt": "a"}\n{"text": ""}\n')
+    refused(capsys, world, ["run", str(world["good"]), "--overwrite", f"data.source={{kind: jsonl, path: {path}}}",
+                            "data.format=text", "data.on_bad_row=skip"], r"rows\.jsonl:1: field 'text' is empty")
+
+
+# -- command-line arguments -----------------------------------------------------------------------
+CLI = {
+    "no command": ([], r"ftl: error: the following arguments are required: command"),
+    "unknown command": (["trian"], r"invalid choice: 'trian'"),
+    "run without a recipe": (["run"], r"run: the following arguments are required: recipe"),
+    "unknown flag": (["run", "x.yaml", "--resum"], r"unrecognized arguments: --resum"),
+    "resume and overwrite": (["run", "GOOD", "--resume", "--overwrite"], r"--resume continues .* choose one"),
+    "machine rank without main ip": (["launch", "GOOD", "--machine-rank", "1"], r"--machine-rank and --main-ip go together"),
+    "pipeline dry run without slurm": (["pipeline", "x.yaml", "--dry-run"], r"--dry-run goes with --slurm"),
+    "eval on an empty folder": (["eval", "TMP"], r"neither a run directory .* nor a model folder"),
+    "merge a full fine-tune": (["merge", "RUN"], r"method 'full' has nothing to merge"),
+    "merge a folder without a run": (["merge", "TMP"], r"empty: not a run directory \(no recipe\.yaml\)"),
+    "eval format typo": (["eval", "RUN", "--data", "DATA", "--format", "chta"], r"(format|chta)"),
+    "dtype typo": (["merge", "RUN", "--dtype", "fp8"], r"argument --dtype: invalid choice: 'fp8'"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI))
+def test_bad_command_line(capsys, world, case):
+    argv, expected = CLI[case]
+    empty = world["tmp"] / "empty"
+    empty.mkdir(exist_ok=True)
+    data = data_file(world, "eval.jsonl", b'{"text": "hello there"}\n')
+    names = {"GOOD": str(world["good"]), "RUN": str(world["run"]), "TMP": str(empty), "DATA": data}
+    refused(capsys, world, [names.get(a, a) for a in argv], expected)
+
+
+# -- damaged or occupied run folders --------------------------------------------------------------
+def test_rerun_into_a_finished_run_without_overwrite(capsys, world):
+    refused(capsys, world, ["run", str(world["good"])], r"holds a finished run .* --overwrite")
+
+
+def test_resume_with_a_changed_learning_rate(capsys, world):
+    refused(capsys, world, ["run", str(world["good"]), "--resume", "train.lr=0.5"], r"train\.lr: 0\.01 → 0\.5")
+
+
+def test_resume_past_the_end(capsys, world):
+    refused(capsys, world, ["run", str(world["good"]), "--resume", "train.max_steps=1"], r"past the end of this recipe")
+
+
+def test_resume_without_a_contract(capsys, world, tmp_path):
+    run = tmp_path / "old"
+    shutil.copytree(world["run"], run)
+    (run / "resume_contract.json").unlink()
+    recipe = variant(world, "old", track={"output_dir": str(run), "plot": True})
+    before = snapshot(run)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", recipe, "--resume"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "resume_contract.json is missing" in err and "Traceback" not in err
+    assert snapshot(run) == before
+
+
+def test_a_live_lock(capsys, world):
+    import os
+    import socket
+
+    lock = world["run"] / LOCK_FILE
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "started": "then"}))
+    try:
+        refused(capsys, world, ["run", str(world["good"]), "--overwrite"], r"another run is using this folder")
+    finally:
+        lock.unlink()
+
+
+def test_resume_when_every_checkpoint_is_damaged(capsys, world, tmp_path):
+    run = tmp_path / "damaged"
+    shutil.copytree(world["run"], run)
+    for marker in (run / "checkpoints").glob("step-*/COMPLETE"):
+        marker.unlink()
+    recipe = variant(world, "damaged", track={"output_dir": str(run), "plot": True})
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", recipe, "--resume"])
+    err = capsys.readouterr()
+    assert exit_info.value.code == 2 and "nothing to resume" in err.err and "Traceback" not in err.err
+    assert err.out.count("incomplete or damaged (no COMPLETE marker") == 2
