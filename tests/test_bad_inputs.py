@@ -173,6 +173,7 @@ OVERRIDES = {
     "wrong type": ("train.grad_accum=two", r"train\.grad_accum: Input should be a valid integer"),
     "bad literal": ("train.precision=fp8", r"train\.precision: Input should be 'fp32', 'bf16' or 'fp16'"),
     "key under a value": ("name.first=x", r"unknown key|Input should be a valid string"),
+    "memory not a size": ("launch.mem=lots", r"launch\.mem: .*expected a Slurm memory size such as 256G"),
 }
 
 
@@ -244,6 +245,10 @@ CLI = {
     "merge a folder without a run": (["merge", "TMP"], r"empty: not a run directory \(no recipe\.yaml\)"),
     "eval format typo": (["eval", "RUN", "--data", "DATA", "--format", "chta"], r"(format|chta)"),
     "dtype typo": (["merge", "RUN", "--dtype", "fp8"], r"argument --dtype: invalid choice: 'fp8'"),
+    "no cores for the job": (["slurm", "submit", "GOOD", "--cpus-per-task", "0", "--dry-run"],
+                             r"--cpus-per-task: expected a whole number above 0, got 0"),
+    "job memory not a size": (["slurm", "submit", "GOOD", "--mem", "lots", "--dry-run"],
+                              r"--mem: expected a Slurm memory size such as 256G or 65536M, got 'lots'"),
 }
 
 

@@ -21,11 +21,14 @@ def test_dry_run_prints_the_accelerate_command(tmp_path):
 def test_two_rank_launch_trains_in_sync(tmp_path):
     recipe = tiny_recipe_dict(tmp_path / "run", launch={"num_processes": 2},
                               train={"max_steps": 12, "batch_size": 2, "save_every": 6})
+    del recipe["launch"]["main_process_port"]   # ftl launch picks a free one
     path = write_recipe(tmp_path / "r.yaml", recipe)
     proc = run_ftl("launch", str(path), cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["world_size"] == 2
+    chosen = int(proc.stdout.split("--main_process_port ")[1].split()[0])
+    assert manifest["main_process_port"] == chosen   # the port the ranks really met on
     checks = manifest["rank_checks"]
     assert sorted(c["rank"] for c in checks) == [0, 1]
     assert all(c["world_size"] == 2 for c in checks)

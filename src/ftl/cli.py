@@ -130,7 +130,11 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--partition", default=None)
     p.add_argument("--time", default=None, help="time limit, e.g. 24:00:00")
     p.add_argument("--account", default=None)
-    p.add_argument("--cpus-per-task", type=int, default=None)
+    p.add_argument("--cpus-per-task", type=int, default=None,
+                   help="cores per node (default: launch.cpus_per_task, else 8 per GPU or one per CPU rank)")
+    p.add_argument("--mem", default=None,
+                   help="memory per node, as Slurm writes it, e.g. 256G (default: launch.mem, else sized by ftl plan "
+                        "on GPU profiles)")
     p.add_argument("--signal-seconds", type=int, default=300,
                    help="USR1 this long before the time limit: the run checkpoints and the job requeues")
 
@@ -228,7 +232,7 @@ def job_options(args):
     from ftl.slurm.script import JobOptions
 
     return JobOptions(nodes=getattr(args, "nodes", None), gpus_per_node=getattr(args, "gpus_per_node", None),
-                      cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time,
+                      cpus_per_task=args.cpus_per_task, mem=args.mem, partition=args.partition, time=args.time,
                       account=args.account, signal_seconds=args.signal_seconds)
 
 

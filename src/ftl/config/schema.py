@@ -6,9 +6,10 @@ applied, overrides applied) is a valid recipe with no profiles and reproduces th
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ftl.config.stages import stage_problems
 
@@ -273,6 +274,9 @@ class TrackConfig(Section):
     plot: bool = True
 
 
+SLURM_MEMORY = re.compile(r"[0-9]+[KMGTkmgt]?")  # Slurm's --mem: a number (MB unless K, M, G or T follows)
+
+
 class LaunchConfig(Section):
     launcher: Literal["python", "accelerate", "torchrun", "deepspeed"] = "accelerate"
     config_file: Optional[str] = Field(None, description="accelerate config under launch/")
@@ -281,8 +285,20 @@ class LaunchConfig(Section):
     num_machines: int = Field(1, gt=0)
     device: Literal["cpu", "cuda"] = "cpu"
     device_memory_gb: Optional[float] = Field(None, gt=0)
-    main_process_port: int = Field(29500, gt=0, lt=65536)
+    main_process_port: Optional[int] = Field(
+        None, gt=0, lt=65536, description="rendezvous port; unset: from SLURM_JOB_ID in a Slurm job, else a free port")
+    cpus_per_task: Optional[int] = Field(
+        None, gt=0, description="Slurm: cores per node (default: 8 per GPU; CPU profiles: one per rank)")
+    mem: Optional[str] = Field(None, description="Slurm --mem per node, e.g. 256G (default on GPU profiles: from ftl plan)")
     env: dict[str, str] = {}
+
+    @field_validator("mem", mode="before")
+    @classmethod
+    def _slurm_memory(cls, value):
+        value = str(value) if isinstance(value, int) and not isinstance(value, bool) else value  # YAML `mem: 0`
+        if isinstance(value, str) and not SLURM_MEMORY.fullmatch(value):
+            raise ValueError("expected a Slurm memory size such as 256G or 65536M")
+        return value
 
 
 class RewardSource(Section):

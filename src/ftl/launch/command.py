@@ -1,6 +1,7 @@
 """Build the command that starts `ftl run` for a recipe's launch settings: one function per launcher
-(python, accelerate, torchrun, deepspeed) in LAUNCHERS, each given this node's role on multi-node jobs;
-`runnable` turns a command into the argv and environment to execute from this interpreter."""
+(python, accelerate, torchrun, deepspeed) in LAUNCHERS, each given this node's role on multi-node jobs
+and a recipe whose rendezvous port is decided (port.py); `runnable` turns a command into the argv and
+environment to execute from this interpreter."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ftl.config.environment import expand_launch_env, has_reference
 from ftl.config.schema import Recipe
 from ftl.config.secret_keys import REDACTED, hide, is_secret, redact_override
 from ftl.errors import LaunchError
+from ftl.launch.port import main_process_port
 
 
 @dataclass
@@ -75,6 +77,9 @@ def build_launch_command(recipe: Recipe, recipe_path: str, overrides: list[str] 
                           f"this recipe; refer to the environment instead ({hidden[0]}: ${{{hidden[0]}}}) and "
                           "export the variable")
     env = dict(launch.env)
+    port = main_process_port(launch.main_process_port, multi_node=launch.num_machines > 1)
+    # the launchers read the port from the recipe: give them one with it decided
+    recipe = recipe.model_copy(update={"launch": launch.model_copy(update={"main_process_port": port})})
     if launch.device == "cpu":
         # 2 ranks x 2 threads on 2 cores ran 12x slower than 1 thread each
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launch.num_processes)))

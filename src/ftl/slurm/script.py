@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ftl.config.schema import Recipe
+from ftl.config.schema import SLURM_MEMORY, Recipe
 from ftl.errors import LaunchError
+from ftl.slurm.resources import cpus_per_task, memory
 
 TEMPLATES = Path(__file__).resolve().parents[3] / "slurm"
 ONE_NODE, MANY_NODES = "train_node.sbatch", "train_multinode.sbatch"
@@ -22,11 +23,18 @@ class JobOptions:
     nodes: Optional[int] = None
     gpus_per_node: Optional[int] = None
     cpus_per_task: Optional[int] = None
+    mem: Optional[str] = None          # Slurm's --mem per node, e.g. 256G
     partition: Optional[str] = None
     time: Optional[str] = None
     account: Optional[str] = None
     signal_seconds: int = 300          # warning before the time limit: room to write one checkpoint
     job_name: Optional[str] = None
+
+    def __post_init__(self):
+        if self.cpus_per_task is not None and self.cpus_per_task < 1:
+            raise LaunchError(f"--cpus-per-task: expected a whole number above 0, got {self.cpus_per_task}")
+        if self.mem is not None and not SLURM_MEMORY.fullmatch(self.mem):
+            raise LaunchError(f"--mem: expected a Slurm memory size such as 256G or 65536M, got {self.mem!r}")
 
     def recipe_overrides(self, device: str) -> list[str]:
         """The recipe keys these options decide, so the job's run matches what was requested."""
@@ -45,13 +53,13 @@ def directives(recipe: Recipe, options: JobOptions, log_dir: Path, workdir: Path
     name = options.job_name or f"ftl-{recipe.name}-{recipe.profile or 'base'}"
     gpus = options.gpus_per_node if options.gpus_per_node is not None else \
         (launch.num_processes if launch.device == "cuda" else 0)
-    # CPU runs: one core per rank; GPU runs: the cluster's default unless asked
-    cpus = options.cpus_per_task or (launch.num_processes if launch.device == "cpu" else None)
     lines = [f"--job-name={name}", f"--nodes={launch.num_machines}", "--ntasks-per-node=1"]
     if gpus:
         lines.append(f"--gpus-per-node={gpus}")
-    if cpus:
-        lines.append(f"--cpus-per-task={cpus}")
+    lines.append(f"--cpus-per-task={cpus_per_task(recipe, options.cpus_per_task)}")
+    mem = memory(recipe, options.mem)
+    if mem:
+        lines.append(f"--mem={mem}")
     for key in ("partition", "time", "account"):
         if getattr(options, key):
             lines.append(f"--{key}={getattr(options, key)}")

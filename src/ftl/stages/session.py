@@ -62,7 +62,8 @@ class RunSession:
         self.sinks, self.wandb = [], None
         self.manifest_fields: dict = {"world_size": self.accelerator.num_processes, "stage": recipe.stage,
                                       "profile": recipe.profile, "resumed_from_step": self.resume_step,
-                                      "runtime": describe_runtime(self.accelerator)}  # what really runs
+                                      "runtime": describe_runtime(self.accelerator),  # what really runs
+                                      "main_process_port": int(os.environ.get("MASTER_PORT") or 0) or None}
 
     def _take_run_lock(self) -> None:
         """The main process locks the run directory; every rank learns the outcome (ranks share the

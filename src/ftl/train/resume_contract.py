@@ -23,7 +23,8 @@ from ftl.run_dir import CONTRACT_FILE
 ALLOWED = ("name", "description", "profile", "profiles.*", "eval.*", "track.*", "compare.*",
            "train.save_every", "train.keep_checkpoints", "train.log_every", "train.max_steps",
            "train.stall_timeout_s", "train.early_stopping.patience", "launch.launcher", "launch.config_file",
-           "launch.env.*", "launch.main_process_port", "launch.device_memory_gb")
+           "launch.env.*", "launch.main_process_port", "launch.device_memory_gb", "launch.cpus_per_task",
+           "launch.mem")
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
