@@ -153,6 +153,11 @@ RUNTIME = {
                                         r"train\.freeze\.modules: 'nothing\.here' matches no parameter"),
     "batch larger than the data": (["train.batch_size=100000", "train.max_steps=1"],
                                    r"cannot fill one batch of 100000"),
+    "flash attention 2 on packed batches": (["model.attn_implementation=flash_attention_2", "launch.device=cuda"],
+                                            r"model\.attn_implementation 'flash_attention_2' keeps packed examples "
+                                            r"apart only at train\.batch_size 1"),
+    "flash attention 2 on cpu": (["model.attn_implementation=flash_attention_2", "train.batch_size=1"],
+                                 r"model\.attn_implementation 'flash_attention_2' runs on CUDA only"),
 }
 
 

@@ -5,10 +5,14 @@ import random
 import pytest
 import torch
 
+from conftest import tiny_recipe_dict, write_recipe
+from ftl.config import load_recipe
 from ftl.config.schema import TinyModelConfig
 from ftl.data.packing import collate, pack_sequences
 from ftl.data.tokenize import IGNORE
+from ftl.errors import RecipeError
 from ftl.evaluate.lm import token_losses
+from ftl.models.attention import check_attention
 from ftl.models.tiny import build_tiny_model, train_tiny_tokenizer
 
 
@@ -88,3 +92,29 @@ def test_packed_forward_with_a_kv_cache_would_leak_across_examples():
     safe = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
     leaky = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=True).logits
     assert (safe - leaky).abs().max() > 1e-3
+
+
+def test_flash_attention_2_is_refused_where_it_would_join_packed_examples(tmp_path):
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence
+
+    # the premise, in transformers itself: flash_attention_2 finds packed examples in a one-row batch only
+    batch = collate(pack_sequences(random_features(8, 10, 30, seed=2), 64), 0)["position_ids"]
+    fullest = max(range(len(batch)), key=lambda row: int((batch[row] == 0).sum()))
+    assert len(batch) > 1 and (batch[fullest] == 0).sum() > 1
+    assert _is_packed_sequence(batch[fullest:fullest + 1], 1)
+    assert not _is_packed_sequence(batch, len(batch))  # several rows: each read as one sequence
+
+    def recipe(**sections):
+        return load_recipe(write_recipe(tmp_path / "r.yaml", tiny_recipe_dict(tmp_path / "run", **sections)))
+
+    fa2, cuda = {"attn_implementation": "flash_attention_2"}, {"device": "cuda"}
+    with pytest.raises(RecipeError, match=r"model\.attn_implementation 'flash_attention_2' keeps packed examples "
+                                          r"apart only at train\.batch_size 1.*train\.batch_size 4"):
+        check_attention(recipe(model=fa2, launch=cuda))
+    for allowed in ({"train": {"batch_size": 1}}, {"data": {"packing": False}},
+                    {"method": {"kind": "prefix"}}):  # prefix tuning never packs (virtual tokens lead each row)
+        check_attention(recipe(model=fa2, launch=cuda, **allowed))
+    for attn in ("sdpa", "eager"):  # a block-diagonal mask from position_ids at any batch size
+        check_attention(recipe(model={"attn_implementation": attn}, launch=cuda))
+    with pytest.raises(RecipeError, match=r"model\.attn_implementation 'flash_attention_2' runs on CUDA only"):
+        check_attention(recipe(model=fa2, train={"batch_size": 1}))

@@ -110,6 +110,48 @@ def test_fp16_on_cpu_is_refused_naming_what_works():
         check_precision(TrainConfig(precision=precision), "cpu")
 
 
+class ScriptedLossScaler(torch.optim.SGD):
+    """SGD whose update is skipped at the given optimizer steps, as fp16's loss scaler skips a step with
+    inf/nan gradients (fp16 mixed precision does not run on CPU)."""
+
+    def __init__(self, params, skip_steps):
+        super().__init__(params, lr=0.1)
+        self.skip_steps, self.steps, self.step_was_skipped = set(skip_steps), 0, False
+
+    def step(self, closure=None):
+        self.steps += 1
+        self.step_was_skipped = self.steps in self.skip_steps
+        if not self.step_was_skipped:
+            super().step(closure)
+
+
+def test_the_schedule_waits_while_the_loss_scaler_skips_updates(fresh_accelerate_state, no_accelerate_env):
+    from accelerate import Accelerator
+
+    from ftl.train.loop import accumulate, build_scheduler, step_record
+
+    class ScalerAccelerator(Accelerator):  # accelerate reads step_was_skipped from a GradScaler on CUDA
+        @property
+        def optimizer_step_was_skipped(self):
+            return any(o.optimizer.step_was_skipped for o in self._optimizers)
+
+    cfg = TrainConfig(lr=0.1, scheduler="linear", grad_accum=2)
+    accelerator = ScalerAccelerator(cpu=True, gradient_accumulation_steps=cfg.grad_accum)
+    model = torch.nn.Linear(2, 1)
+    scaler = ScriptedLossScaler(model.parameters(), skip_steps={2, 3})
+    scheduler = build_scheduler(scaler, cfg, total_steps=10)
+    model, optimizer = accelerator.prepare(model, scaler)
+    batches = iter([(0, [{"input_ids": [1, 2]}], {"x": torch.ones(1, 2)})] * 8)
+    loss = lambda m, batch: (m(batch["x"]).pow(2).mean(), 1)  # noqa: E731
+    done = [accumulate(accelerator, model, optimizer, scheduler, batches, loss, cfg) for _ in range(4)]
+    assert scaler.steps == 4  # one optimizer step per 2 micro-batches
+    assert [d.skipped for d in done] == [False, True, True, False]
+    assert scheduler.last_epoch == 2  # stepped after the 2 real updates only
+    assert scaler.param_groups[0]["lr"] == pytest.approx(0.1 * (1 - 2 / 10))
+    assert step_record(accelerator, 2, done[1], 0.1, None, 0.0)["optimizer_step_skipped"] is True
+    assert "optimizer_step_skipped" not in step_record(accelerator, 1, done[0], 0.1, None, 0.0)
+
+
 def test_runtime_of_a_bf16_cpu_accelerator_reads_the_live_autocast(fresh_accelerate_state, no_accelerate_env):
     runtime = describe_runtime(make_accelerator(TrainConfig(precision="bf16"), LaunchConfig()))
     assert runtime == {"device": "cpu", "device_count": None, "threads": torch.get_num_threads(), "world_size": 1,

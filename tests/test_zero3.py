@@ -194,3 +194,20 @@ def test_plan_matches_the_memory_measured_on_each_rank(adam_run):
         assert measured["model_state_bytes"] == pytest.approx(planned.model_states, rel=0.10)
         assert measured["param_bytes"] == pytest.approx(planned.params, rel=0.10)
         assert measured["optimizer_state_bytes"] == pytest.approx(planned.optimizer, rel=0.10)
+
+
+def test_bf16_gradients_accumulate_in_the_fp32_partition_the_plan_counts(workdir):
+    """The shipped JSON's data_types.grad_accum_dtype fp32 reaches DeepSpeed: a bf16 run with 2 micro-batches
+    per step keeps its gradient partition in fp32 (2x the bytes of its bf16 parameter shard), as planned."""
+    from ftl.config import load_recipe
+    from ftl.plan import make_plan
+
+    launch(workdir, zero3_recipe(workdir, "bf16", precision="bf16", grad_accum=2, max_steps=3, save_every=3))
+    planned = make_plan(load_recipe(workdir / "bf16" / "recipe.yaml")).chosen
+    assert planned.grads == 0 and planned.grad_accum > 0
+    for check in json.loads((workdir / "bf16" / "manifest.json").read_text())["rank_checks"]:
+        measured = check["zero"]
+        assert measured["param_bytes"] == 2 * measured["param_numel_local"]  # bf16 shards
+        assert measured["grad_bytes"] == 4 * measured["param_numel_local"]   # fp32 accumulation
+        assert measured["grad_bytes"] == pytest.approx(planned.grad_accum, rel=0.10)
+        assert measured["model_state_bytes"] == pytest.approx(planned.model_states, rel=0.10)

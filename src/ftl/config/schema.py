@@ -43,7 +43,8 @@ class ModelConfig(Section):
     path: Optional[str] = Field(None, description="local model folder when source is 'path'")
     tiny: TinyModelConfig = TinyModelConfig()
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="flash_attention_2: CUDA only; with data.packing it needs train.batch_size 1")
     gradient_checkpointing: bool = False
     init: Literal["pretrained", "scratch"] = Field(
         "pretrained", description="scratch: the same architecture freshly initialised (fine-tune vs from scratch)")

@@ -21,6 +21,7 @@ class StageInfo:
     formats: tuple[str, ...]    # data.format values it trains on
     own_loop: bool              # trains in its own loop or a TRL trainer, not ftl.train.loop.fit
     needs_reward: bool = False  # needs a `reward:` section (a reward model or function)
+    packs: bool = False         # trains on packed rows when data.packing and the method allow it
     describe_formats: str = ""  # how an error names the formats (default: the list)
 
     def run_function(self) -> Callable:
@@ -29,7 +30,7 @@ class StageInfo:
 
 
 STAGES: dict[str, StageInfo] = {
-    "sft": StageInfo("ftl.stages.sft:run_sft", LM_FORMATS, own_loop=False),
+    "sft": StageInfo("ftl.stages.sft:run_sft", LM_FORMATS, own_loop=False, packs=True),
     "reward": StageInfo("ftl.stages.reward:run_reward", ("preference",), own_loop=False,
                         describe_formats="'preference' (prompt, chosen, rejected)"),
     "ppo": StageInfo("ftl.stages.ppo:run_ppo", PROMPT_FORMATS + ("preference",), own_loop=True, needs_reward=True),
@@ -38,7 +39,7 @@ STAGES: dict[str, StageInfo] = {
     "grpo": StageInfo("ftl.stages.grpo:run_grpo", PROMPT_FORMATS + ("preference",), own_loop=True, needs_reward=True),
     "classify": StageInfo("ftl.stages.classify:run_classify", ("classification",), own_loop=False,
                           describe_formats="'classification' (text, label)"),
-    "upft": StageInfo("ftl.stages.upft:run_upft", PROMPT_FORMATS, own_loop=False,
+    "upft": StageInfo("ftl.stages.upft:run_upft", PROMPT_FORMATS, own_loop=False, packs=True,
                       describe_formats="unlabelled prompts: prompts, chat or prompt_completion"),
 }
 

@@ -50,15 +50,21 @@ def model_shape(recipe: Recipe) -> ModelShape:
                       lora=sum(r * (m.in_features + m.out_features) for m in lora_targets))
 
 
+FP32_NAMES = ("fp32", "float32", "float", "torch.float32")  # DeepSpeed's DtypeEnum spellings of fp32
+
+
 def recipe_setup(recipe: Recipe) -> Setup:
-    zero, deepspeed = {}, bool(recipe.launch.deepspeed)
+    """What the plan counts, as the recipe and its DeepSpeed JSON (launch.deepspeed) say."""
+    config, deepspeed = {}, bool(recipe.launch.deepspeed)
     if deepspeed and Path(recipe.launch.deepspeed).is_file():
-        zero = json.loads(Path(recipe.launch.deepspeed).read_text()).get("zero_optimization", {})
+        config = json.loads(Path(recipe.launch.deepspeed).read_text())
+    zero = config.get("zero_optimization", {})
     return Setup(method=METHODS[recipe.method.kind].plan_family, zero_stage=int(zero.get("stage", 0)),
                  devices=recipe.launch.num_processes * recipe.launch.num_machines, deepspeed=deepspeed,
                  precision=recipe.train.precision, model_dtype=recipe.model.dtype, optimizer=recipe.train.optimizer,
                  offload_optimizer=(zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme"),
-                 offload_params=(zero.get("offload_param") or {}).get("device") in ("cpu", "nvme"))
+                 offload_params=(zero.get("offload_param") or {}).get("device") in ("cpu", "nvme"),
+                 grad_accum_fp32=(config.get("data_types") or {}).get("grad_accum_dtype") in FP32_NAMES)
 
 
 def device_memory_bytes(recipe: Recipe) -> Optional[float]:
@@ -111,8 +117,9 @@ def render_plan(plan: Plan) -> str:
     for command in plan.commands:
         lines.append(f"launch: {command}")
     lines.append("per-device memory for this recipe (GB): "
-                 f"params {gb(e.params)}, grads {gb(e.grads)}, fp32 master {gb(e.master)}, "
-                 f"optimizer {gb(e.optimizer)}, fp32 grad copy {gb(e.fp32_grad_copy)}, "
+                 f"params {gb(e.params)}, grads {gb(e.grads)}, "
+                 + (f"fp32 grad accumulation {gb(e.grad_accum)}, " if e.grad_accum else "")
+                 + f"fp32 master {gb(e.master)}, optimizer {gb(e.optimizer)}, fp32 grad copy {gb(e.fp32_grad_copy)}, "
                  f"ZeRO-3 gather buffer {gb(e.gather_buffer)} -> total {gb(e.device_total)}"
                  + (f"; offloaded to host {gb(e.host)}" if e.host else ""))
     if plan.memory is not None:

@@ -5,7 +5,13 @@ parameters, 2 of 16-bit gradients and 12 of fp32 master weights + momentum + var
 (16 bytes); stage 1 partitions the 12, stage 2 also the gradients, stage 3 also the parameters.
 DeepSpeed additionally keeps an fp32 copy of each gradient partition while stepping (its estimator's
 18 bytes) and gathers one layer at a time under stage 3; both are counted here as separate terms.
-Activations are not model states and are not included.
+
+With `data_types.grad_accum_dtype: fp32` in the DeepSpeed JSON (16-bit training, ZeRO 1-3), gradients
+accumulate across micro-batches in an fp32 buffer instead of the 16-bit one (DeepSpeed 0.19.8): stage 3
+allocates its gradient partitions in fp32 (and still copies them to fp32 at the step), stage 2 keeps an
+fp32 partition that is itself the step's fp32 gradient, stage 1 (BF16_Optimizer) an unpartitioned fp32
+buffer, whose partition is the step's gradient, beside the 16-bit gradients it zeroes after each
+micro-batch. Activations are not model states and are not included.
 """
 
 from __future__ import annotations
@@ -34,12 +40,14 @@ class Setup:
     optimizer: str           # adamw | sgd | adamw_8bit | paged_adamw | paged_adamw_8bit
     offload_optimizer: bool = False
     offload_params: bool = False
+    grad_accum_fp32: bool = False  # DeepSpeed JSON data_types.grad_accum_dtype is fp32
 
 
 @dataclass
 class Estimate:
     params: float = 0.0
-    grads: float = 0.0
+    grads: float = 0.0       # 16-bit (or fp32 when training in fp32) gradients held between steps
+    grad_accum: float = 0.0  # the fp32 gradient-accumulation buffer (grad_accum_dtype fp32)
     master: float = 0.0
     optimizer: float = 0.0
     fp32_grad_copy: float = 0.0
@@ -48,7 +56,7 @@ class Estimate:
 
     @property
     def model_states(self) -> float:
-        return self.params + self.grads + self.master + self.optimizer
+        return self.params + self.grads + self.grad_accum + self.master + self.optimizer
 
     @property
     def device_total(self) -> float:
@@ -86,15 +94,27 @@ def estimate(shape: ModelShape, s: Setup) -> Estimate:
     e.master, e.optimizer = master / shard, optim / shard
     if s.deepspeed and half and s.zero_stage >= 1:
         e.fp32_grad_copy = 4 * trainable / shard
+        if s.grad_accum_fp32:
+            _accumulate_in_fp32(e, trainable, s.zero_stage, d)
     if s.zero_stage == 3:
         e.gather_buffer = 4 * shape.largest_layer
     if s.offload_optimizer:  # ZeRO-Offload keeps gradient partitions in (pinned) host memory too
-        e.host += e.grads + e.master + e.optimizer + e.fp32_grad_copy
-        e.grads = e.master = e.optimizer = e.fp32_grad_copy = 0.0
+        e.host += e.grads + e.grad_accum + e.master + e.optimizer + e.fp32_grad_copy
+        e.grads = e.grad_accum = e.master = e.optimizer = e.fp32_grad_copy = 0.0
     if s.offload_params:
         e.host += e.params
         e.params = 0.0
     return e
+
+
+def _accumulate_in_fp32(e: Estimate, trainable: int, zero_stage: int, devices: int) -> None:
+    """Gradients accumulate in an fp32 buffer (see the module docstring): it replaces the 16-bit gradient
+    partition under stages 2 and 3; stage 1 keeps (zeroes) its full 16-bit gradients beside it."""
+    e.grad_accum = 4 * trainable / (devices if zero_stage >= 2 else 1)
+    if zero_stage >= 2:
+        e.grads = 0.0
+    if zero_stage < 3:  # the buffer's partition is the fp32 gradient the optimizer steps on
+        e.fp32_grad_copy = 0.0
 
 
 def zero_paper_bytes(total_params: int, devices: int, zero_stage: int) -> float:

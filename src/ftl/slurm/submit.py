@@ -28,6 +28,9 @@ def prepare(recipe_path: str, profile: Optional[str], overrides: list[str], opti
     device = load_recipe(recipe_path, profile, overrides).launch.device
     overrides = list(overrides) + options.recipe_overrides(device)
     recipe = load_recipe(recipe_path, profile, overrides)
+    from ftl.models.attention import check_attention  # local: the method table imports torch (~7 s)
+
+    check_attention(recipe)  # refused at submission, not after the queue wait
     workdir = Path.cwd()
     log_dir = (workdir / run_dir_for(recipe) / SCRIPT_DIR).resolve()
     text = render(recipe, options, log_dir, workdir)

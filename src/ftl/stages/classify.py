@@ -134,7 +134,7 @@ def run_classify(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     train = encode_texts(tokenizer, splits.train, names, length, "train", encoding)
     validation = encode_texts(tokenizer, session.validation_records(splits), names, length, "validation")
     test = encode_texts(tokenizer, splits.test[: recipe.eval.max_examples], names, length, "test")
-    rows = session.training_rows(train, packable=False, encoding=encoding)
+    rows = session.training_rows(train, encoding=encoding)
     session.note_data(labels=names)
     if session.main:
         (run_dir / layout.LABELS_FILE).write_text(json.dumps(names, ensure_ascii=False))

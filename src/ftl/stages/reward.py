@@ -76,7 +76,7 @@ def run_reward(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     encoding = EncodeReport()
     train = encode_pairs(tokenizer, splits.train, recipe, encoding)
     validation = encode_pairs(tokenizer, session.validation_records(splits), recipe)
-    rows = session.training_rows(train, packable=False, encoding=encoding)
+    rows = session.training_rows(train, encoding=encoding)
     model = session.prepare_model(tokenizer, head="sequence_classification")
     pad = tokenizer.pad_token_id
 

@@ -29,11 +29,13 @@ from accelerate.utils import broadcast_object_list, set_seed
 from ftl import run_dir as layout
 from ftl.config import resolved_dict, save_resolved
 from ftl.config.schema import Recipe
+from ftl.config.stages import STAGES
 from ftl.data import load_splits
 from ftl.data.packing import pack_sequences
 from ftl.errors import DataError, FtlError
 from ftl.evaluate.report import write_report
 from ftl.methods import METHODS, apply_method, save_trained, trainable_summary
+from ftl.models.attention import check_attention, packs_rows
 from ftl.models.load import base_model_dir, load_model, load_tokenizer, record_texts
 from ftl.run_dir import ensure_run_dir
 from ftl.run_lock import RunLock, RunLocked
@@ -54,6 +56,7 @@ class RunSession:
     def __init__(self, recipe: Recipe, run_dir: Path, resume: bool):
         self.recipe, self.run_dir, self.resume = recipe, Path(run_dir), resume
         check_loop_controls(recipe)
+        check_attention(recipe)
         self.accelerator = make_accelerator(recipe.train, recipe.launch)
         self.main = self.accelerator.is_main_process
         set_seed(recipe.train.seed)
@@ -150,15 +153,16 @@ class RunSession:
         return self.apply_method(self.load_base(tokenizer, head, num_labels), task_type=task)
 
     def packs(self) -> bool:
-        """data.packing, unless the method puts virtual tokens at the start of each row."""
-        kind = self.recipe.method.kind
-        packing = self.recipe.data.packing and METHODS[kind].packs
-        if self.recipe.data.packing and not packing:
-            self.accelerator.print(f"ftl: method {kind} puts virtual tokens at the start of each row: "
+        """data.packing, for a stage that packs (STAGES), unless the method puts virtual tokens at the start
+        of each row."""
+        recipe = self.recipe
+        packing = packs_rows(recipe)
+        if recipe.data.packing and STAGES[recipe.stage].packs and not packing:
+            self.accelerator.print(f"ftl: method {recipe.method.kind} puts virtual tokens at the start of each row: "
                                    "training without packing")
         return packing
 
-    def training_rows(self, features: list[dict], packable: bool = True, encoding=None) -> list[dict]:
+    def training_rows(self, features: list[dict], encoding=None) -> list[dict]:
         """The rows the loop trains on: features packed into data.max_length rows when allowed; the
         manifest records examples, rows, whether they were packed and (given the encoding report) how many
         examples were truncated or dropped. No example left to train on is refused here."""
@@ -167,7 +171,7 @@ class RunSession:
             raise DataError(f"data: no training example is left after tokenising{counts}: every one was cut at "
                             f"data.max_length={self.recipe.data.max_length} before anything to learn; raise "
                             "data.max_length or shorten the prompts")
-        packing = packable and self.packs()
+        packing = self.packs()
         rows = pack_sequences(features, self.recipe.data.max_length) if packing else features
         self.note_data(examples=len(features), train_rows=len(rows), packed=packing,
                        **(encoding.as_dict() if encoding is not None else {}))

@@ -1,9 +1,10 @@
 """The training loop every stage shares (and the checkpoint-and-stop tail ftl's PPO loop shares with it).
 
 `fit` reads as the loop it is. Per optimizer step: `accumulate` runs train.grad_accum micro-batches
-(forward, backward, optimizer and scheduler step); `step_record` reduces the step's statistics across
-ranks into its metrics record; `Validation.after_step` evaluates when due (with early stopping, at every
-epoch end); `checkpoint_and_maybe_stop` checkpoints on cadence and stops on SIGTERM / SIGUSR1.
+(forward, backward, optimizer and scheduler step; the scheduler waits when fp16's loss scaler skipped the
+update); `step_record` reduces the step's statistics across ranks into its metrics record;
+`Validation.after_step` evaluates when due (with early stopping, at every epoch end);
+`checkpoint_and_maybe_stop` checkpoints on cadence and stops on SIGTERM / SIGUSR1.
 
 Deterministic data order (seed + epoch), so a resumed run skips exactly the micro-batches it had
 consumed and reproduces the uninterrupted loss curve. Each rank takes its slice of every global batch.
@@ -315,12 +316,14 @@ class Accumulated:
     tokens: int                 # input tokens, padding not counted
     targets: int                # tokens the loss counted
     epoch: int                  # the epoch of the last micro-batch
+    skipped: bool = False       # the fp16 loss scaler skipped the update (inf/nan gradients)
 
 
 def accumulate(accelerator, model, optimizer, scheduler, batches, loss_fn: LossFn, cfg: TrainConfig) -> Accumulated:
     """One optimizer step: forward and backward over train.grad_accum micro-batches. accelerate's prepared
-    optimizer steps (after clipping) only where gradients sync, the last micro-batch; the scheduler with it."""
-    losses, tokens, targets = [], 0, 0
+    optimizer steps (after clipping) only where gradients sync, the last micro-batch; the scheduler with it,
+    unless fp16's loss scaler skipped that update (the schedule then waits for the next real update)."""
+    losses, tokens, targets, skipped = [], 0, 0, False
     for _ in range(cfg.grad_accum):
         epoch, rows, batch = next(batches)
         with accelerator.accumulate(model):
@@ -330,12 +333,14 @@ def accumulate(accelerator, model, optimizer, scheduler, batches, loss_fn: LossF
                 accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             if accelerator.sync_gradients:
-                scheduler.step()
+                skipped = accelerator.optimizer_step_was_skipped
+                if not skipped:
+                    scheduler.step()
             optimizer.zero_grad()
         losses.append(loss.detach().float())
         tokens += sum(len(v) for r in rows for k, v in r.items() if k.endswith("input_ids"))  # no padding
         targets += n_targets
-    return Accumulated(losses, tokens, targets, epoch)
+    return Accumulated(losses, tokens, targets, epoch, skipped)
 
 
 def step_record(accelerator, step: int, done: Accumulated, lr: float, phase: Optional[int], started: float) -> dict:
@@ -349,6 +354,8 @@ def step_record(accelerator, step: int, done: Accumulated, lr: float, phase: Opt
               "step_time": time.perf_counter() - started}
     if phase is not None:
         record["unfreeze_phase"] = phase
+    if done.skipped:
+        record["optimizer_step_skipped"] = True
     return record
 
 
