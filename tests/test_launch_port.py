@@ -26,6 +26,7 @@ def dry_run_port(capsys, *argv: str) -> int:
 def test_jobs_sharing_a_node_get_different_ports_and_nodes_of_one_job_the_same(capsys, monkeypatch):
     recipe = str(ROOT / "recipes" / "full_zero3.yaml")
     ports = {}
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "8")  # the GPUs the profiles ask for
     for job in ("4242", "4243"):
         monkeypatch.setenv("SLURM_JOB_ID", job)
         ports[job] = [dry_run_port(capsys, recipe, "--profile", "multinode", "--machine-rank", str(rank),

@@ -162,15 +162,19 @@ def cmd_run(args) -> int:
 def cmd_launch(args) -> int:
     from ftl.config import load_recipe
     from ftl.launch.command import NodeRole, build_launch_command, runnable
+    from ftl.launch.slurm_grant import fit_to_grant
     from ftl.models.attention import check_attention
     from ftl.plan import make_plan, render_plan
 
     if (args.machine_rank is None) != (args.main_ip is None):
         raise LaunchError("--machine-rank and --main-ip go together (multi-node launches)")
     node = NodeRole(args.machine_rank, args.main_ip) if args.main_ip else None
-    recipe = load_recipe(args.recipe, args.profile, args.overrides)
+    grant = fit_to_grant(load_recipe(args.recipe, args.profile, args.overrides), args.overrides)
+    if grant.message:
+        print(grant.message, flush=True)
+    recipe = load_recipe(args.recipe, args.profile, grant.overrides)
     check_attention(recipe)  # before any rank starts (each rank checks again)
-    command = build_launch_command(recipe, args.recipe, args.overrides, resume=args.resume, node=node,
+    command = build_launch_command(recipe, args.recipe, grant.overrides, resume=args.resume, node=node,
                                    overwrite=args.overwrite)
     plan = make_plan(recipe)
     print(render_plan(plan).split("\n\n")[0], flush=True)
