@@ -6,7 +6,8 @@
 #   slurm/pipeline.sh tiny recipes/sft_chat.yaml recipes/qlora_single.yaml
 #   FTL_SBATCH_ARGS="--gpus-per-node=4 --time=2:00:00" slurm/pipeline.sh node8 a.yaml b.yaml
 #
-# FTL_SBATCH_ARGS: sbatch options for every stage; they override train_node.sbatch's #SBATCH defaults.
+# FTL_SBATCH_ARGS: sbatch options for every stage; they override train_node.sbatch's #SBATCH defaults
+# (a CUDA stage then runs one rank per GPU --gpus-per-node grants).
 #
 # This chains independent recipes. `ftl pipeline PIPELINE.yaml --profile P --slurm` does the same for a
 # pipeline file and also hands each stage's model to the next, merges adapters and skips stages whose
