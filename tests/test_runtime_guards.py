@@ -275,3 +275,18 @@ def test_handbook_style_inline_zero3_run_records_what_ran(inline_zero3_run):
     assert (runtime["deepspeed"], runtime["zero_stage"], runtime["backend"], runtime["world_size"]) == \
         (True, 3, "gloo", 2)
     assert (runtime["device"], runtime["offload_optimizer"], runtime["offload_param"]) == ("cpu", "none", "none")
+
+
+@pytest.mark.parametrize("precision, device, bf16, fp16, use_cpu", [
+    ("fp16", "cuda", False, True, False), ("bf16", "cuda", True, False, False),
+    ("fp32", "cuda", False, False, False), ("bf16", "cpu", True, False, True)])
+def test_trl_stages_train_in_the_recipes_precision(tmp_path, precision, device, bf16, fp16, use_cpu):
+    """DPO and GRPO hand precision to TRL's TrainingArguments: fp16 must reach it (once only bf16 was passed
+    and an fp16 recipe trained in fp32 while its manifest said fp16)."""
+    from ftl.config.schema import Recipe
+    from ftl.stages.trl_common import trainer_arguments
+
+    recipe = Recipe.model_validate({**tiny_recipe_dict(tmp_path), "train": {"precision": precision},
+                                    "launch": {"device": device}})
+    args = trainer_arguments(recipe, tmp_path, main=True)
+    assert (args["bf16"], args["fp16"], args["use_cpu"]) == (bf16, fp16, use_cpu)
