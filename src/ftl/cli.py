@@ -1,4 +1,4 @@
-"""The `ftl` command line: `ftl run | launch | plan | merge | pipeline | eval | compare | slurm`.
+"""The `ftl` command line: `ftl run | launch | plan | merge | pipeline | eval | compare | slurm | recipes`.
 
 The parser, and one handler per command that imports what it needs when it runs. An FtlError (bad
 recipe, data or launch settings) prints one clear line and exits 2, with no traceback.
@@ -47,8 +47,20 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class PrintVersion(argparse.Action):
+    """Like action="version", without argparse re-wrapping the line to the terminal's width."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="ftl", description="Fine-tuning launcher: one recipe, any machine.")
+    parser.add_argument("--version", action=PrintVersion, help="ftl's version and those of the libraries it drives")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a recipe in this process (what every launcher starts)")
@@ -56,7 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     run.add_argument("--overwrite", action="store_true",
                      help="replace the run already in the output folder (once the new recipe and data validate)")
+    run.add_argument("--print-config", action="store_true",
+                     help="print the resolved recipe (profile and overrides applied) and run nothing")
     run.set_defaults(handler=cmd_run)
+
+    recipes = sub.add_parser("recipes", help="list the shipped recipes with their descriptions and profiles")
+    recipes.add_argument("folder", nargs="?", default=None, help="folder of recipes (default: ./recipes)")
+    recipes.set_defaults(handler=cmd_recipes)
 
     launch = sub.add_parser("launch", help="build and run the launcher command for the recipe's profile")
     _recipe_args(launch)
@@ -150,13 +168,50 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
 # Their imports are local: `ftl --help` and bad-argument errors must not import torch (~7 s), and even
 # the recipe schema (pydantic, ~0.15 s) would make them several times slower.
 
+def version_line() -> str:
+    """ftl's version and the versions of what it drives, read from package metadata (no imports)."""
+    from importlib import metadata
+
+    from ftl import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return f"{name} {metadata.version(name)}"
+        except metadata.PackageNotFoundError:
+            return f"{name} (not installed)"
+
+    libraries = ("torch", "transformers", "accelerate", "deepspeed", "peft", "trl", "bitsandbytes")
+    return f"ftl {__version__} ({', '.join(installed(n) for n in libraries)})"
+
+
 def cmd_run(args) -> int:
+    if args.print_config:
+        return print_config(args)
     from ftl.runner import run_recipe
 
     result = run_recipe(args.recipe, args.profile, args.overrides, resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         exit_cleanly(0)  # DeepSpeed ranks sporadically SIGABRT during interpreter teardown
     return 0 if result is not None else 1
+
+
+def print_config(args) -> int:
+    """The recipe as the run would save it (secrets as ***), nothing run and nothing written."""
+    import yaml
+
+    from ftl.config import load_recipe
+    from ftl.config.load import redacted_dict
+
+    recipe = load_recipe(args.recipe, args.profile, args.overrides)
+    print(yaml.safe_dump(redacted_dict(recipe), sort_keys=False, allow_unicode=True), end="")
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from ftl.catalog import catalog, render
+
+    print(render(catalog(args.folder)))
+    return 0
 
 
 def cmd_launch(args) -> int:

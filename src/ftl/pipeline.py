@@ -42,6 +42,7 @@ class StageSpec(BaseModel):
 class PipelineSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
+    description: str = ""
     output_dir: str = "runs/{name}-{profile}"
     stages: list[StageSpec]
 
@@ -109,6 +110,9 @@ def plan_stages(path: Path, profile: Optional[str], force: bool = False) -> tupl
             [f"{key}={outputs[source]}" for key, source in stage.inputs.items()]
         try:
             recipe = load_recipe(recipe_path, profile, overrides)
+            if recipe.track.wandb.enabled and recipe.track.wandb.group is None:  # W&B: the stages in one group
+                overrides.append(f"track.wandb.group={root.name}")
+                recipe = load_recipe(recipe_path, profile, overrides)
         except RecipeError as err:
             raise PipelineError(f"stage '{stage.name}': {err}") from None
         expected = fingerprint(resolved_dict(recipe), {k: prints[s] for k, s in stage.inputs.items()})

@@ -267,6 +267,8 @@ class WandbConfig(Section):
     entity: Optional[str] = None
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     tags: list[str] = []
+    group: Optional[str] = Field(None, description="W&B group (default: the pipeline's name, for its stages)")
+    job_type: Optional[str] = Field(None, description="W&B job type (default: the recipe's stage)")
 
 
 class TrackConfig(Section):

@@ -211,7 +211,7 @@ class RunSession:
             if self.recipe.track.wandb.enabled:
                 self.wandb = WandbSink(self.recipe.track.wandb, self.run_dir,
                                        f"{self.recipe.name}-{self.recipe.profile or 'base'}",
-                                       resolved_dict(self.recipe))
+                                       resolved_dict(self.recipe), self.recipe.stage)
                 self.sinks.append(self.wandb)
         self.log = MetricsLog(self.run_dir / layout.METRICS_FILE, self.main, self.resume_step, self.sinks)
 

@@ -41,24 +41,31 @@ def redacted_command_line():
         sys.argv = argv
 
 
+def dashboard_names(record: dict) -> dict:
+    """A metrics.jsonl record as W&B panels group it, the way Trainer and TRL runs look: training scalars
+    under train/ (`loss` -> `train/loss`, `lr` -> `train/lr`), names that carry a section (`eval/loss`) as
+    they are."""
+    return {k if "/" in k else f"train/{k}": v for k, v in record.items() if k != "step"}
+
+
 class WandbSink:
     """Callable sink for MetricsLog; the key is read by wandb from the environment, never stored. The
     recipe's secrets reach neither W&B's config nor its logs: `config` is redacted here."""
 
-    def __init__(self, cfg: WandbConfig, run_dir: Path, name: str, config: dict):
+    def __init__(self, cfg: WandbConfig, run_dir: Path, name: str, config: dict, stage: str):
         import wandb
 
         self.mode = choose_mode(cfg)
         os.environ.setdefault("WANDB_SILENT", "true")
         with redacted_command_line():
             self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=name, dir=str(run_dir),
-                                  mode=self.mode, config=redact_tree(config), tags=cfg.tags,
-                                  reinit="finish_previous")
+                                  mode=self.mode, config=redact_tree(config), tags=cfg.tags, group=cfg.group,
+                                  job_type=cfg.job_type or stage, reinit="finish_previous")
         where = self.run.dir if self.mode != "disabled" else "(disabled)"
         print(f"ftl: W&B {self.mode} run; files in {where}", flush=True)
 
     def __call__(self, record: dict) -> None:
-        self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        self.run.log(dashboard_names(record), step=record["step"])
 
     def finish(self) -> None:
         self.run.finish()
