@@ -8,7 +8,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "ftl"
 
 # lower number = lower layer; a package may import only packages below it (or itself)
 LAYERS = {
-    "errors": 0, "process_exit": 0,
+    "errors": 0, "process_exit": 0, "console": 0,
     "config": 1, "packages": 1,
     "run_dir": 2,
     "data": 3, "track": 3, "launch": 3, "run_lock": 3,
@@ -17,7 +17,7 @@ LAYERS = {
     "train": 6,
     "evaluate": 7, "rl": 7, "plan": 7,
     "stages": 8,
-    "runner": 9, "pipeline": 9, "compare": 9,
+    "runner": 9, "pipeline": 9, "compare": 9, "catalog": 9,
     "slurm": 10,
     "cli": 11, "__main__": 12,
 }

@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if overrides:
         args.overrides = list(args.overrides) + overrides
+    from ftl.console import quiet_known_noise
+
+    quiet_known_noise(getattr(args, "verbose", False))  # before any handler imports the libraries
     try:
         code = args.handler(args)
     except FtlError as err:
@@ -104,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--force", action="store_true", help="rerun stages even when unchanged and complete")
     pipe.add_argument("--slurm", action="store_true", help="submit each stage as a Slurm job (afterok chain)")
     pipe.add_argument("--dry-run", action="store_true", help="with --slurm: print the sbatch commands only")
+    _verbose_arg(pipe)
     _job_args(pipe)
     pipe.set_defaults(handler=cmd_pipeline)
 
@@ -113,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--format", default=None, help="record format of --data (default: the run's)")
     ev.add_argument("--split", default="validation", choices=["train", "validation", "test"])
     ev.add_argument("--out", default=None, help="where to write eval.json / eval.md (default: target)")
+    _verbose_arg(ev)
     ev.set_defaults(handler=cmd_eval)
 
     compare = sub.add_parser("compare", help="run a recipe's compare.variants (methods, from scratch) and report")
@@ -157,7 +162,13 @@ def _job_args(p: argparse.ArgumentParser) -> None:
                    help="USR1 this long before the time limit: the run checkpoints and the job requeues")
 
 
+def _verbose_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="show every library's messages, including those ftl hides as known and harmless")
+
+
 def _recipe_args(p: argparse.ArgumentParser) -> None:
+    _verbose_arg(p)
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("--profile", "-p", default=None, type=lambda name: name or None,
                    help="profile to apply (tiny, small, gpu1, node8, ...)")
@@ -172,7 +183,7 @@ def version_line() -> str:
     """ftl's version and the versions of what it drives, read from package metadata (no imports)."""
     from importlib import metadata
 
-    from ftl import __version__
+    import ftl
 
     def installed(name: str) -> str:
         try:
@@ -181,14 +192,16 @@ def version_line() -> str:
             return f"{name} (not installed)"
 
     libraries = ("torch", "transformers", "accelerate", "deepspeed", "peft", "trl", "bitsandbytes")
-    return f"ftl {__version__} ({', '.join(installed(n) for n in libraries)})"
+    return f"ftl {ftl.__version__} ({', '.join(installed(n) for n in libraries)})"
 
 
 def cmd_run(args) -> int:
     if args.print_config:
         return print_config(args)
+    from ftl.console import capture
     from ftl.runner import run_recipe
 
+    capture()  # saved as RUN_DIR/run.log once the run's folder may be written
     result = run_recipe(args.recipe, args.profile, args.overrides, resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         exit_cleanly(0)  # DeepSpeed ranks sporadically SIGABRT during interpreter teardown

@@ -44,6 +44,7 @@ METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"             # before/after evaluation (evaluate.report)
 EVAL_BEFORE_FILE = "eval_before.json"  # the untrained model's evaluation (eval.before_training)
 PLOT_FILE = "curves.png"
+RUN_LOG = "run.log"                 # the main process's console output (ftl.console)
 FINAL_DIR = "final"                 # the trained model (or adapter), a save_pretrained folder
 TOKENIZER_DIR = "tokenizer"
 BASE_DIR = "base"                   # a tiny model's base weights, built once per run

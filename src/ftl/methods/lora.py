@@ -19,7 +19,9 @@ def apply(model, cfg, gradient_checkpointing: bool = False, task_type: str = "CA
 
     check_target_modules(model, cfg.lora.target_modules, "method.lora.target_modules")
     if cfg.kind in ("qlora", "lora8bit"):  # the base was loaded quantised (ftl.methods.METHODS: quant_bits)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        # the same non-reentrant checkpointing models.load enables (PEFT would re-enable the reentrant default)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     return get_peft_model(model, lora_config(cfg.lora, use_dora=cfg.kind == "dora", task_type=task_type))
 
 

@@ -106,7 +106,7 @@ def load_model(cfg: ModelConfig, base_dir: Path, quant_bits: Optional[int] = Non
         guard_cpu_4bit_gradients(model)
     model.config.use_cache = False  # training and packed evaluation must not use a KV cache
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

@@ -30,6 +30,7 @@ from ftl import run_dir as layout
 from ftl.config import resolved_dict, save_resolved
 from ftl.config.schema import Recipe
 from ftl.config.stages import STAGES
+from ftl.console import hide_weight_bars, metrics_line, save_console
 from ftl.data import load_splits
 from ftl.data.packing import pack_sequences
 from ftl.errors import DataError, FtlError
@@ -59,6 +60,7 @@ class RunSession:
         check_attention(recipe)
         self.accelerator = make_accelerator(recipe.train, recipe.launch)
         self.main = self.accelerator.is_main_process
+        hide_weight_bars()
         set_seed(recipe.train.seed)
         self._take_run_lock()
         self.resume_step = resume_point(self.run_dir, self.accelerator.print) if resume else None
@@ -107,7 +109,11 @@ class RunSession:
                         shutil.rmtree(self.run_dir / name, ignore_errors=True)
                 write_contract(self.run_dir, contract)
             save_resolved(self.recipe, self.run_dir / layout.RECIPE_FILE)
-        self.accelerator.wait_for_everyone()
+        save_console(self.run_dir / layout.RUN_LOG, self.main, fresh=not self.resume)
+        acc = self.accelerator
+        acc.print(f"ftl: run folder {self.run_dir} ({self.recipe.name}, profile {self.recipe.profile or 'none'}, "
+                  f"{acc.num_processes} process{'es' if acc.num_processes > 1 else ''} on {acc.device.type}{', resuming' if self.resume else ''})")
+        acc.wait_for_everyone()
         return splits, self.tokenizer(splits.train)
 
     def validation_records(self, splits) -> list[dict]:
@@ -178,6 +184,7 @@ class RunSession:
         return rows
 
     def apply_method(self, model, task_type: str = "CAUSAL_LM"):
+        self.accelerator.print(data_line(self.manifest_fields["data"], self.recipe.data.max_length))
         model = apply_method(model, self.recipe.method, self.recipe.model.gradient_checkpointing, task_type)
         frozen = apply_freeze(model, self.recipe.train.freeze)  # train.freeze, on top of the method
         summary = trainable_summary(model)
@@ -224,6 +231,7 @@ class RunSession:
 
         def run(model) -> None:
             metrics = evaluate(model)
+            self.accelerator.print(metrics_line("before training", metrics))
             if self.main:
                 (self.run_dir / layout.EVAL_BEFORE_FILE).write_text(json.dumps(metrics, ensure_ascii=False))
         return run
@@ -238,6 +246,7 @@ class RunSession:
             self.log.close()
             return summary
         after = evaluate()
+        acc.print(metrics_line("after training", after))
         checks = rank_checks(acc, model)
         if len({c["param_digest"] for c in checks}) > 1 and not is_sharded(acc):
             acc.print(f"ftl: WARNING: ranks ended with different weights: {checks}")
@@ -259,12 +268,27 @@ class RunSession:
                 self.wandb.run.summary.update({f"final/{k}": v for k, v in after.items()
                                                if isinstance(v, (int, float))})
                 self.wandb.finish()
-            print(md_path.read_text(), flush=True)
             print(f"ftl: report {md_path} | metrics {self.run_dir / layout.METRICS_FILE} | plot {plot} "
                   f"| model {self.run_dir / layout.FINAL_DIR}", flush=True)
             summary.update(report=str(json_path), plot=str(plot) if plot else None, after=after)
         acc.wait_for_everyone()
         return summary
+
+
+def data_line(data: dict, max_length: int) -> str:
+    """The run's data on one line, from what the manifest records (splits, rows, encoding)."""
+    sizes = data.get("sizes", {})
+    parts = [" / ".join(f"{sizes.get(k, 0)} {k}" for k in ("train", "validation", "test")) + " examples"]
+    if "train_rows" in data:
+        kind = "packed rows" if data.get("packed") else "rows"
+        parts[0] += f" -> {data['train_rows']} {kind} (max_length {max_length})"
+    skipped = sum((data.get("rows") or {}).get("skipped", {}).values())
+    notes = [f"{data.get('duplicates_dropped', 0)} duplicates dropped", f"{skipped} bad rows skipped"]
+    if "truncated" in data:
+        notes.append(f"{data['truncated']} truncated")
+    if data.get("dropped_nothing_to_learn"):
+        notes.append(f"{data['dropped_nothing_to_learn']} dropped with nothing to learn")
+    return f"ftl: data: {parts[0]}; {', '.join(notes)}"
 
 
 def save_final_model(accelerator, model, tokenizer, target: Path, method, part: Optional[str] = None) -> None:

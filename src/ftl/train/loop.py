@@ -34,6 +34,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from ftl.config.schema import TrainConfig
+from ftl.console import metrics_line
 from ftl.errors import DataError, RecipeError
 from ftl.run_dir import BEST_DIR, MANIFEST_FILE
 from ftl.track.manifest import update_manifest
@@ -250,7 +251,7 @@ def fit(*, accelerator, model, cfg: TrainConfig, features: list[dict], collate: 
                 result.history.append(record)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                bar.set_postfix(progress_fields(record))
             epoch_evaluated = validation.after_step(model, step)
             state = {"step": step, "total": total, "unfreeze_phase": opt.phase, **validation.checkpoint_state()}
             if checkpoint_and_maybe_stop(accelerator, run_dir, step, state, cfg, stop, force=epoch_evaluated,
@@ -397,7 +398,9 @@ class Validation:
             model.train()
             return True
         if self.evaluate is not None and self.eval_every and step % self.eval_every == 0 and step < self.total:
-            self.log({"step": step, **{f"eval/{k}": v for k, v in self.evaluate(model).items()}})
+            metrics = self.evaluate(model)
+            say(self.accelerator, metrics_line(f"step {step}", metrics))
+            self.log({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
             model.train()
         return False
 
@@ -413,7 +416,7 @@ class Validation:
             _save_best(accelerator, model, self.run_dir, self.save_model,
                        {"epoch": epoch, "step": step, "metric": stopper.cfg.metric, "value": value})
         state = stopper.state()
-        accelerator.print(f"ftl: epoch {epoch} (step {step}): validation {stopper.cfg.metric} {value:.6g}"
+        say(accelerator, f"ftl: epoch {epoch} (step {step}): validation {stopper.cfg.metric} {value:.6g}"
                           f"{' (best so far)' if improved else f', no improvement for {stopper.bad_epochs} epoch(s)'}")
         _set_in_manifest(accelerator, self.run_dir, "early_stopping", {k: v for k, v in state.items() if k != "history"})
 
@@ -461,6 +464,22 @@ def _set_in_manifest(accelerator, run_dir: Path, key: str, value) -> None:
     path = run_dir / MANIFEST_FILE
     if accelerator.is_main_process and path.exists():
         update_manifest(path, **{key: value})
+
+
+def say(accelerator, text: str) -> None:
+    """accelerator.print for a line printed while the progress bar shows: the bar steps aside, then redraws."""
+    if accelerator.is_main_process:
+        from tqdm import tqdm
+
+        with tqdm.external_write_mode():
+            print(text, flush=True)
+
+
+def progress_fields(record: dict) -> dict:
+    """What the bar shows after each step: loss, learning rate and tokens per second (all ranks)."""
+    seconds = record.get("step_time") or 0.0
+    return {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}",
+            "tok/s": f"{record['tokens'] / seconds:,.0f}" if seconds > 0 else "-"}
 
 
 def _progress(total: int, initial: int, enabled: bool):
