@@ -7,13 +7,16 @@ from typing import Callable
 
 import torch
 
+from ftl.evaluate.device import model_device
+
 
 @torch.no_grad()
 def sum_over_ranks(model, features: list[dict], batch_size: int, collate: Callable[[list[dict]], dict],
                    measure: Callable[[dict], torch.Tensor], size: int, accelerator=None) -> torch.Tensor:
     """Sum of measure(batch) (a vector of `size` sums) over all features, sharded across ranks."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    device = accelerator.device if accelerator else torch.device("cpu")
+    # the accelerator placed the model (and owns the reduce's device); alone, batches follow the model
+    device = accelerator.device if accelerator else model_device(model)
     was_training = model.training
     model.eval()
     totals = torch.zeros(size, dtype=torch.float64, device=device)
