@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--format", default=None, help="record format of --data (default: the run's)")
     ev.add_argument("--split", default="validation", choices=["train", "validation", "test"])
     ev.add_argument("--out", default=None, help="where to write eval.json / eval.md (default: target)")
+    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="where to evaluate (default auto: CUDA when present; a 4/8-bit model stays where it loaded)")
     _verbose_arg(ev)
     ev.set_defaults(handler=cmd_eval)
 
@@ -345,5 +347,6 @@ def cmd_slurm_job_end(args) -> int:
 def cmd_eval(args) -> int:
     from ftl.evaluate.target import evaluate_target
 
-    evaluate_target(args.target, data=args.data, fmt=args.format, split=args.split, out=args.out)
+    evaluate_target(args.target, data=args.data, fmt=args.format, split=args.split, out=args.out,
+                    device=args.device)
     return 0

@@ -1,7 +1,7 @@
 """Evaluate a target, what `ftl eval TARGET` runs: a finished run directory (its final model, on its
 validation split or given data) or any local model folder (on given data). Writes eval.json/eval.md
-with the language-model loss and a few generations. Imported only by that command, so torch and
-transformers load at module level.
+with the language-model loss, a few generations and the device it ran on (`--device`, default: CUDA
+when present). Imported only by that command, so torch and transformers load at module level.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import get_args
 
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ftl import run_dir as layout
@@ -16,6 +17,7 @@ from ftl.config.schema import DataConfig, Recipe
 from ftl.data import load_splits
 from ftl.data.tokenize import encode_records
 from ftl.errors import FtlError
+from ftl.evaluate.device import eval_device, model_device, place
 from ftl.evaluate.generate import generate_samples, sample_prompts
 from ftl.evaluate.lm import lm_loss
 from ftl.evaluate.report import write_report
@@ -44,8 +46,9 @@ def data_config_for_file(path: str, fmt: str, like: DataConfig | None) -> DataCo
 
 
 def evaluate_target(target: str, data: str | None = None, fmt: str | None = None, split: str = "validation",
-                    out: str | None = None, max_new_tokens: int = 24, samples: int = 3) -> dict:
+                    out: str | None = None, max_new_tokens: int = 24, samples: int = 3, device: str = "auto") -> dict:
     check_format(fmt, data)  # before a model loads
+    wanted = eval_device(device, torch.cuda.is_available())
     path = Path(target)
     if (path / layout.RECIPE_FILE).exists():
         model, tokenizer, recipe = load_trained_causal_lm(path)
@@ -60,6 +63,7 @@ def evaluate_target(target: str, data: str | None = None, fmt: str | None = None
     else:
         raise FtlError(f"{target}: neither a run directory (no {layout.RECIPE_FILE}) nor a model folder "
                        "(no config.json)")
+    model = place(model, wanted)  # a 4/8-bit model stays on the device bitsandbytes loaded it on
     splits, _ = load_splits(data_cfg) if data else load_splits(recipe.data)
     records = splits.train if data else getattr(splits, split)[: recipe.eval.max_examples]
     recipe = recipe.model_copy(update={"data": data_cfg})
@@ -69,6 +73,7 @@ def evaluate_target(target: str, data: str | None = None, fmt: str | None = None
                              records)[: len(recipe.eval.generate.prompts) + samples]
     metrics["samples"] = generate_samples(model, tokenizer, prompts, max_new_tokens)
     metrics["examples"] = len(features)
+    metrics["device"] = str(model_device(model))
     json_path, md_path = write_report(Path(out) if out else path / "eval", {"eval": metrics})
     print(md_path.read_text())
     print(f"ftl: wrote {json_path} and {md_path}")

@@ -76,13 +76,18 @@ def response_values(value_model, sequences, attention_mask, position_ids, prompt
 
 
 @torch.no_grad()
-def sample_responses(model, tokenizer, prompts: list[str], sampling: SamplingConfig, device) -> Responses:
-    """One sampled response per prompt (temperature, top-k, max_new_tokens); tokens after the first EOS masked."""
+def sample_responses(model, tokenizer, prompts: list[str], sampling: SamplingConfig, device,
+                     synced_gpus: bool | None = None) -> Responses:
+    """One sampled response per prompt (temperature, top-k, max_new_tokens); tokens after the first EOS masked.
+    synced_gpus: None lets transformers decide (True under ZeRO-3 with several ranks: every rank then
+    decodes until all are done, so every rank must make the same number of calls); False for a model
+    each rank holds whole."""
     batch = left_padded(tokenizer, prompts, device)
     model.eval()
     sequences = model.generate(**batch, do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k,
                                top_p=1.0, max_new_tokens=sampling.max_new_tokens, use_cache=True,
-                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                               synced_gpus=synced_gpus)
     prompt_length = batch["input_ids"].shape[1]
     response = sequences[:, prompt_length:]
     mask, has_eos = response_mask(response, tokenizer.eos_token_id)

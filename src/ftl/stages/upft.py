@@ -26,9 +26,10 @@ from ftl.data.tokenize import IGNORE, count_trained_tokens, encode_records, gene
 from ftl.errors import RecipeError
 from ftl.evaluate.generate import generate_samples, sample_prompts
 from ftl.evaluate.lm import causal_lm_loss, lm_loss
+from ftl.evaluate.sharded import batches_per_rank
 from ftl.methods import METHODS
 from ftl.models.load import load_model, without_zero_init
-from ftl.rl.rollout import left_padded, response_mask
+from ftl.rl.rollout import Responses, sample_responses as sample_batch
 from ftl.stages.session import RunSession
 from ftl.train.distributed import is_sharded
 
@@ -80,31 +81,40 @@ def sampling_jobs(tokenizer, splits, recipe: Recipe) -> tuple[list[dict], int]:
 
 @torch.no_grad()
 def sample_responses(model, tokenizer, jobs: list[dict], cfg: UPFTOptions, seed: int, batch_size: int,
-                     rank: int = 0, world: int = 1, device=None, progress: bool = False) -> list[dict]:
+                     rank: int = 0, world: int = 1, device=None, progress: bool = False,
+                     synced_gpus: bool | None = None) -> list[dict]:
     """This rank's share of the jobs, answered. Batch b (jobs b*batch_size ...) runs on rank b % world,
-    seeded by (seed, b): the same samples for any world size."""
+    seeded by (seed, b): the same samples for any world size. Every rank makes the same number of
+    generate calls (one out of batches answers a dummy batch and drops it): under synced_gpus each call
+    decodes until every rank is done, so a rank with a call fewer would leave the others waiting."""
     was_training = model.training
-    model.eval()
     device = device or next(model.parameters()).device
-    done, mine = [], range(rank, (len(jobs) + batch_size - 1) // batch_size, world)
+    # ceil(ceil(n / world) / size) == ceil(ceil(n / size) / world): rounds of one batch per rank
+    rounds = range(batches_per_rank(len(jobs), world, batch_size))
     if progress:
         from tqdm.auto import tqdm
 
-        mine = tqdm(mine, desc="upft sample", unit="batch", dynamic_ncols=True)
-    for b in mine:
+        rounds = tqdm(rounds, desc="upft sample", unit="batch", dynamic_ncols=True)
+    done = []
+    for r in rounds:
+        b = r * world + rank
         chunk = jobs[b * batch_size:(b + 1) * batch_size]
-        batch = left_padded(tokenizer, [j["prompt"] for j in chunk], device)
         torch.manual_seed(seed * 1_000_003 + b)
-        sequences = model.generate(**batch, do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k,
-                                   top_p=1.0, max_new_tokens=cfg.max_new_tokens, use_cache=True,
-                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        response = sequences[:, batch["input_ids"].shape[1]:].cpu()
-        mask, has_eos = response_mask(response, tokenizer.eos_token_id)
-        for job, row, keep, eos in zip(chunk, response, mask.bool(), has_eos):
-            ids = row[keep].tolist()
-            done.append({**job, "response": tokenizer.decode(ids, skip_special_tokens=True), "response_ids": ids,
-                         "eos": bool(eos)})
+        answered = sample_batch(model, tokenizer, [j["prompt"] for j in (chunk or jobs[:1])], cfg, device,
+                                synced_gpus)
+        done += answers(tokenizer, chunk, answered)  # a dummy batch has no jobs: nothing kept
     model.train(was_training)
+    return done
+
+
+def answers(tokenizer, chunk: list[dict], r: Responses) -> list[dict]:
+    """The jobs with their sampled response ids (up to and including the first EOS) and text."""
+    response, mask = r.sequences[:, r.prompt_length:].cpu(), r.mask.cpu().bool()
+    done = []
+    for job, row, keep, eos in zip(chunk, response, mask, r.has_eos):
+        ids = row[keep].tolist()
+        done.append({**job, "response": tokenizer.decode(ids, skip_special_tokens=True), "response_ids": ids,
+                     "eos": bool(eos)})
     return done
 
 
@@ -163,8 +173,11 @@ def draw_samples(session: RunSession, base, tokenizer, splits) -> None:
     if METHODS[recipe.method.kind].quant_bits is None:
         sampler.to(acc.device)
     started = time.perf_counter()
+    # the sampler is whole on every rank: no rank needs another's decoding steps (transformers would
+    # otherwise sync them under ZeRO-3)
     mine = sample_responses(sampler, tokenizer, jobs, cfg, recipe.train.seed, recipe.eval.batch_size,
-                            acc.process_index, acc.num_processes, acc.device, progress=acc.is_main_process)
+                            acc.process_index, acc.num_processes, acc.device, progress=acc.is_main_process,
+                            synced_gpus=False)
     everything = gather_object(mine) if acc.num_processes > 1 else mine
     seconds = time.perf_counter() - started
     if sampler is not base:
