@@ -236,6 +236,45 @@ def test_plan_reads_a_hub_models_config_from_the_cache_without_weights(hub, caps
         pretrained_dir(ModelConfig(source="hub", name=LLAMA_ID))  # training would need them
 
 
+def test_with_network_the_transformers_files_are_fetched_into_the_cache(tmp_path, monkeypatch):
+    """The online path, with huggingface_hub's download replaced (this machine has no hub): ftl asks for
+    the revision's transformers files into HF_HUB_CACHE, not Llama's duplicate original/ checkpoint; a hub
+    that cannot be reached, with nothing cached, is named with its connection error."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from ftl.config.schema import ModelConfig
+    from ftl.models.load import pretrained_dir
+
+    snapshot = tmp_path / "hub" / "models--org--online" / "snapshots" / ("c" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot / "model.safetensors").write_bytes(b"")
+    calls = []
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kwargs: calls.append((repo_id, kwargs)) or str(snapshot))
+    assert pretrained_dir(ModelConfig(source="hub", name="org/online", revision="v1")) == snapshot
+    [(repo_id, kwargs)] = calls
+    assert (repo_id, kwargs["repo_type"], kwargs["revision"], kwargs["local_files_only"], kwargs["cache_dir"]) == \
+        ("org/online", "model", "v1", False, str(tmp_path / "hub"))
+    assert "*.safetensors" in kwargs["allow_patterns"] and "original/*" in kwargs["ignore_patterns"]
+
+    def unreachable(repo_id, **kwargs):
+        try:
+            raise ConnectionError("[Errno 111] Connection refused")
+        except ConnectionError as err:
+            raise LocalEntryNotFoundError("cannot find the snapshot on the local disk") from err
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    with pytest.raises(RecipeError, match=r"'org/other' \(revision main\) is not in the Hugging Face cache .* and the "
+                                          r"hub could not be reached \(ConnectionError: \[Errno 111\] Connection "
+                                          r"refused\): fetch it .*`hf download org/other`"):
+        pretrained_dir(ModelConfig(source="hub", name="org/other"))
+
+
 @pytest.mark.parametrize("model,expected", [
     ({"source": "hub"}, r":\d+: model: Value error, source 'hub' needs model.name"),
     ({"source": "hub", "name": "meta-llama/Llama/3"}, r":\d+: model.name: Value error, expected a hub id such as "

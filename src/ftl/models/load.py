@@ -19,9 +19,10 @@ from ftl.packages import package_dir
 
 
 # what a hub model's snapshot needs for transformers to load it: not the duplicate checkpoints some repos
-# also carry (Llama's original/*.pth, GGUF, ONNX), which would multiply the download
+# also carry (Llama's original/*.pth, Mistral's consolidated.safetensors, GGUF, ONNX), which would multiply
+# the download
 HUB_MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken")
-HUB_SKIPPED = ("original/*",)
+HUB_SKIPPED = ("original/*", "consolidated.*")
 
 
 def hub_model(cfg: ModelConfig, config_only: bool = False) -> Snapshot:
@@ -34,8 +35,9 @@ def hub_model(cfg: ModelConfig, config_only: bool = False) -> Snapshot:
         snapshot = hub_snapshot(cfg.name, cfg.revision, "model", "model.name", RecipeError,
                                 HUB_MODEL_FILES + ("*.bin",), HUB_SKIPPED)
     if not any(snapshot.path.glob("*.safetensors")) and not any(snapshot.path.glob("*.bin")):
+        held = sorted(p.name for p in snapshot.path.iterdir())
         raise RecipeError(f"model.name: {cfg.name!r} (revision {snapshot.revision}): its snapshot {snapshot.path} "
-                          f"holds no weights (*.safetensors or *.bin), only {sorted(p.name for p in snapshot.path.iterdir())}: "
+                          f"holds no weights (*.safetensors or *.bin), only {held}: "
                           f"fetch them with `{download_command(cfg.name, snapshot.revision, 'model')}`")
     return snapshot
 
