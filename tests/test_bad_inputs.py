@@ -88,7 +88,9 @@ RECIPE_TEXT = {
                       r"stage: Input should be 'sft', 'reward'"),
     "unknown method": ("name: t\nmethod: {kind: loraa}\ndata: {source: {kind: chatterbot}, format: chat}\n",
                        r"method\.kind: Input should be 'full'"),
-    "unknown source kind": ("name: t\ndata: {source: {kind: hub}, format: chat}\n", r"data\.source\.kind"),
+    "unknown source kind": ("name: t\ndata: {source: {kind: huggingface}, format: chat}\n", r"data\.source\.kind"),
+    "hub dataset without name": ("name: t\ndata: {source: {kind: hub}, format: chat}\n",
+                                 r"source kind 'hub' needs a name"),
     "jsonl without path": ("name: t\ndata: {source: {kind: jsonl}, format: chat}\n",
                            r"source kind 'jsonl' needs a path"),
     "splits leave nothing": ("name: t\ndata: {source: {kind: chatterbot}, format: chat, split: {validation: 0.6, "

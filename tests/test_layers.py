@@ -9,7 +9,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "ftl"
 # lower number = lower layer; a package may import only packages below it (or itself)
 LAYERS = {
     "errors": 0, "process_exit": 0, "console": 0,
-    "config": 1, "packages": 1,
+    "config": 1, "packages": 1, "hub_cache": 1,
     "run_dir": 2,
     "data": 3, "track": 3, "launch": 3, "run_lock": 3,
     "methods": 4,

@@ -259,6 +259,9 @@ def cmd_launch(args) -> int:
         from ftl.runner import check_run_folder
 
         check_run_folder(run_dir_for(recipe), args.resume, args.overwrite)
+    from ftl.runner import locate_hub_repos
+
+    locate_hub_repos(recipe)  # each node fetches (or, offline, finds) a hub model once, before its ranks start
     argv, env = runnable(command)
     return subprocess.run(argv, env=env).returncode
 

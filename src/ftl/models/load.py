@@ -1,4 +1,4 @@
-"""Build or load the tokenizer and model a recipe names (tiny, SmolLM2, MiniLM or a local folder)."""
+"""Build or load the tokenizer and model a recipe names (tiny, SmolLM2, MiniLM, a local folder or a hub id)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,52 @@ from typing import Iterable, Optional
 from ftl import run_dir as layout
 from ftl.config.schema import ModelConfig
 from ftl.errors import RecipeError
+from ftl.hub_cache import Snapshot, download_command, hub_snapshot
 from ftl.models.quantize import bnb_config, guard_cpu_4bit_gradients
 from ftl.models.smollm2 import smollm2_dir
 from ftl.models.tiny import build_tiny_model, train_tiny_tokenizer
 from ftl.packages import package_dir
 
 
-def pretrained_dir(cfg: ModelConfig) -> Optional[Path]:
-    """The local folder a non-tiny model loads from."""
+# what a hub model's snapshot needs for transformers to load it: not the duplicate checkpoints some repos
+# also carry (Llama's original/*.pth, Mistral's consolidated.safetensors, GGUF, ONNX), which would multiply
+# the download
+HUB_MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken")
+HUB_SKIPPED = ("original/*", "consolidated.*")
+
+
+def hub_model(cfg: ModelConfig, config_only: bool = False) -> Snapshot:
+    """The hub cache's snapshot of model.name at model.revision; config_only (`ftl plan`) fetches config.json
+    alone. A repo with no safetensors weights is fetched again for its PyTorch .bin files."""
+    if config_only:
+        return hub_snapshot(cfg.name, cfg.revision, "model", "model.name", RecipeError, ("config.json",))
+    snapshot = hub_snapshot(cfg.name, cfg.revision, "model", "model.name", RecipeError, HUB_MODEL_FILES, HUB_SKIPPED)
+    if not any(snapshot.path.glob("*.safetensors")):
+        snapshot = hub_snapshot(cfg.name, cfg.revision, "model", "model.name", RecipeError,
+                                HUB_MODEL_FILES + ("*.bin",), HUB_SKIPPED)
+    if not any(snapshot.path.glob("*.safetensors")) and not any(snapshot.path.glob("*.bin")):
+        held = sorted(p.name for p in snapshot.path.iterdir())
+        raise RecipeError(f"model.name: {cfg.name!r} (revision {snapshot.revision}): its snapshot {snapshot.path} "
+                          f"holds no weights (*.safetensors or *.bin), only {held}: "
+                          f"fetch them with `{download_command(cfg.name, snapshot.revision, 'model')}`")
+    return snapshot
+
+
+def model_origin(cfg: ModelConfig, folder: Optional[Path]) -> dict:
+    """What the manifest records about where the base model came from (a hub model: id, revision, commit)."""
+    if cfg.source == "hub":
+        return {"source": "hub", **hub_model(cfg).as_manifest()}
+    return {"source": cfg.source, "path": str(folder) if folder is not None else None}
+
+
+def pretrained_dir(cfg: ModelConfig, config_only: bool = False) -> Optional[Path]:
+    """The local folder a non-tiny model loads from (config_only: its config.json is enough)."""
+    if cfg.source == "hub":
+        folder = hub_model(cfg, config_only).path
+        if not (folder / "config.json").exists():
+            raise RecipeError(f"model.name: {cfg.name!r} (revision {cfg.revision or 'main'}) has no config.json "
+                              f"in its snapshot {folder}: not a transformers model repo, or fetched incompletely")
+        return folder
     if cfg.source == "smollm2":
         return smollm2_dir()
     if cfg.source == "minilm":

@@ -28,7 +28,7 @@ def model_config(recipe: Recipe):
                            num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
                            num_key_value_heads=t.num_key_value_heads, vocab_size=t.vocab_size,
                            tie_word_embeddings=False)
-    return AutoConfig.from_pretrained(pretrained_dir(m))
+    return AutoConfig.from_pretrained(pretrained_dir(m, config_only=True))  # a hub model: config.json, no weights
 
 
 def model_shape(recipe: Recipe) -> ModelShape:

@@ -37,7 +37,7 @@ from ftl.errors import DataError, FtlError
 from ftl.evaluate.report import write_report
 from ftl.methods import METHODS, apply_method, save_trained, trainable_summary
 from ftl.models.attention import check_attention, packs_rows
-from ftl.models.load import base_model_dir, load_model, load_tokenizer, record_texts
+from ftl.models.load import base_model_dir, load_model, load_tokenizer, model_origin, record_texts
 from ftl.run_dir import ensure_run_dir
 from ftl.run_lock import RunLock, RunLocked
 from ftl.track.manifest import update_manifest, write_manifest
@@ -143,7 +143,9 @@ class RunSession:
 
     def base_dir(self, tokenizer) -> Path:
         with self.accelerator.main_process_first():
-            return base_model_dir(self.recipe.model, tokenizer, self.recipe.train.seed, self.run_dir)
+            folder = base_model_dir(self.recipe.model, tokenizer, self.recipe.train.seed, self.run_dir)
+        self.manifest_fields["model"] = model_origin(self.recipe.model, folder)  # a hub model: id, revision, commit
+        return folder
 
     def load_base(self, tokenizer, head: str = "causal_lm", num_labels: int = 1):
         """The base model, quantised as the recipe's method needs (QLoRA: 4-bit, lora8bit: 8-bit)."""
