@@ -245,8 +245,8 @@ class DataConfig(Section):
         named = [name for name, there in (("data.source", self.source), ("data.sources", self.sources),
                                           ("data.splits.train", given_train)) if there]
         if len(named) > 1:
-            raise ValueError(f"{' and '.join(named)} are all training data: give one (data.source for one source, "
-                             "data.sources for a weighted mix, data.splits.train for a pre-split training file)")
+            raise ValueError(f"{' and '.join(named)} each give the training data: keep one (data.source for one "
+                             "source, data.sources for a weighted mix, data.splits.train for a pre-split training file)")
         if not named:
             raise ValueError("no training data: set data.source, data.sources or data.splits.train")
         for key, _, source in self.entries():
@@ -262,7 +262,7 @@ class DataConfig(Section):
                              "source a weight (relative shares of the training examples) or none (equal shares)")
         for name in ("validation", "test"):
             if self.splits is not None and getattr(self.splits, name) is not None \
-                    and name in self.split.model_fields_set:
+                    and name in self.split.model_fields_set and getattr(self.split, name) > 0:
                 raise ValueError(f"data.split.{name} (a share hash-split from train) and data.splits.{name} (a "
                                  "given file) both set: keep one")
         return self
