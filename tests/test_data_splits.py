@@ -195,3 +195,31 @@ def test_a_tiny_run_on_mixed_sources_and_given_splits_scores_its_test_file(tmp_p
     assert data["overlap"] == {"train/validation": 0, "train/test": 0, "validation/test": 0}
     after = json.loads((tmp_path / "run" / "eval.json").read_text())["after"]
     assert after["test"]["loss"] > 0 and after["loss"] > 0  # the test file scored beside validation
+
+
+@pytest.mark.parametrize("stage, metric", [("reward", "pairwise_accuracy"), ("dpo", "rewards/accuracies")])
+def test_preference_runs_on_implicit_prompt_conversations_score_their_given_test_file(tmp_path, capsys, stage,
+                                                                                      metric):
+    from ftl.cli import main
+
+    def pair(question, good, bad):
+        ask = {"role": "user", "content": question}
+        return {"chosen": [ask, {"role": "assistant", "content": good}],
+                "rejected": [ask, {"role": "assistant", "content": bad}]}
+
+    words = ["red", "green", "blue", "cat", "dog", "bird"]
+    train = [pair(f"is the {b} {a}?", f"yes, the {b} is {a}", "no idea") for a in words for b in words]
+    test = [pair(f"what is {a}?", f"{a} is a word", "nothing") for a in words]
+    recipe = tiny_recipe_dict(tmp_path / "run", stage=stage, train={"max_steps": 2, "save_every": None},
+                              eval={"max_examples": 6})
+    recipe["data"] = {"format": "auto", "max_length": 64, "split": {"validation": 0.2},
+                      "source": {"kind": "jsonl", "path": write_jsonl(tmp_path / "train.jsonl", train)},
+                      "splits": {"test": {"kind": "jsonl", "path": write_jsonl(tmp_path / "test.jsonl", test)}}}
+    with pytest.raises(SystemExit) as done:
+        main(["run", str(write_recipe(tmp_path / "r.yaml", recipe))])
+    out = capsys.readouterr().out
+    assert done.value.code == 0, out
+    assert "ftl: data.format auto -> preference (implicit prompt, conversational) from columns chosen, rejected" in out
+    after = json.loads((tmp_path / "run" / "eval.json").read_text())["after"]
+    assert metric in after and metric in after["test"]
+    assert after["test"].get("pairs", 6) == 6
