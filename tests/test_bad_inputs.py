@@ -119,6 +119,21 @@ RECIPE_TEXT = {
                                     "format: chat}\n", r"both 'ppo\.reward' \(the old spelling\) and 'reward'"),
     "profiles not a mapping": ("name: t\nprofiles: [tiny]\ndata: {source: {kind: chatterbot}, format: chat}\n",
                                r"'profiles' must map names to overrides"),
+    "training data given twice": ("name: t\ndata: {source: {kind: chatterbot}, sources: [{kind: chatterbot}], "
+                                  "format: chat}\n", r"data\.source and data\.sources each give the training data"),
+    "a corpus left to format auto": ("name: t\ndata: {source: {kind: chatterbot}}\n",
+                                     r"source kind 'chatterbot' builds its rows in the format asked for: set data\.format"),
+    "a weight outside data.sources": ("name: t\ndata: {source: {kind: chatterbot, weight: 2}, format: chat}\n",
+                                      r"data\.source\.weight: a weight shares the training examples between data\.sources"),
+    "some sources weighted, some not": ("name: t\ndata: {format: chat, sources: [{kind: chatterbot, weight: 2}, "
+                                        "{kind: chatterbot}]}\n", r"data\.sources\[1\] has no weight while others do"),
+    "unknown mix strategy": ("name: t\ndata: {source: {kind: chatterbot}, format: chat, mix: {stopping_strategy: "
+                             "longest}}\n", r"data\.mix\.stopping_strategy: Input should be 'first_exhausted' or "
+                                             r"'all_exhausted'"),
+    "a split share beside a given split": ("name: t\ndata: {source: {kind: chatterbot}, format: chat, split: "
+                                           "{test: 0.1}, splits: {test: {kind: chatterbot}}}\n",
+                                           r"data\.split\.test \(a share hash-split from train\) and "
+                                           r"data\.splits\.test \(a given file\) both set"),
     "unknown key in a profile": ("name: t\ndata: {source: {kind: chatterbot}, format: chat}\nprofiles:\n  tiny:\n"
                                  "    trian: {lr: 1}\n", r"unknown key 'profiles\.tiny\.trian'"),
 }
@@ -158,6 +173,9 @@ RUNTIME = {
     "flash attention 2 on packed batches": (["model.attn_implementation=flash_attention_2", "launch.device=cuda"],
                                             r"model\.attn_implementation 'flash_attention_2' keeps packed examples "
                                             r"apart only at train\.batch_size 1"),
+    "a chat template that drops tool calls": (
+        ["data.source={kind: jsonl, path: TOOLS}", "data.format=chat"],
+        r"the tokenizer's chat template drops tool calls: 'get_weather' is not in the rendered conversation"),
     "flash attention 2 on cpu": (["model.attn_implementation=flash_attention_2", "train.batch_size=1"],
                                  r"model\.attn_implementation 'flash_attention_2' runs on CUDA only"),
 }
@@ -168,6 +186,11 @@ def test_refused_before_training(capsys, world, case, tmp_path):
     """Errors found once the model is built: a fresh folder (an --overwrite that got this far has
     validated its recipe and data, and replaces the old run)."""
     overrides, expected = RUNTIME[case]
+    tools = data_file(world, "tools.jsonl", json.dumps({"messages": [
+        {"role": "user", "content": "weather in Paris?"},
+        {"role": "assistant", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "It is sunny."}]}).encode() + b"\n")
+    overrides = [o.replace("TOOLS", tools) for o in overrides]
     refused(capsys, world, ["run", str(world["good"]), f"track.output_dir={tmp_path / 'fresh'}", *overrides],
             expected)
 
@@ -206,6 +229,34 @@ ROWS = {
                                           r"rows\.jsonl:1: field 'label' must be an integer or a string"),
     "empty text": ("text", b'{"text": ""}\n', r"rows\.jsonl:1: field 'text' is empty"),
     "prompts without prompt": ("upft:prompts", b'{"question": "why"}\n', r"rows\.jsonl:1: missing field 'prompt'"),
+    "a conversational completion that is not the assistant's": (
+        "prompt_completion", b'{"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "user", '
+                             b'"content": "x"}]}\n', r"rows\.jsonl:1: completion has no assistant turn to learn from"),
+    "a conversational prompt with a string completion": (
+        "prompt_completion", b'{"prompt": [{"role": "user", "content": "hi"}], "completion": "x"}\n',
+        r"rows\.jsonl:1: prompt and completion must both be strings \(standard\) or both lists of messages"),
+    "an implicit prompt with nothing shared": ("reward:preference", b'{"chosen": "yes", "rejected": "no"}\n',
+                                               r"rows\.jsonl:1: no prompt column, and chosen and rejected share no "
+                                               r"beginning"),
+    "a tool call without a name": ("chat", b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", '
+                                           b'"tool_calls": [{"function": {"arguments": {}}}]}]}\n',
+                                   r"rows\.jsonl:1: messages\[1\]\.tool_calls\[0\]: missing the function name"),
+    "tools that are not a list": ("chat", b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", '
+                                          b'"content": "yo"}], "tools": 3}\n',
+                                  r"rows\.jsonl:1: field 'tools' must be a list of function schemas"),
+    "alpaca without output": ("alpaca", b'{"instruction": "x", "input": ""}\n',
+                              r"rows\.jsonl:1: missing field 'output' \(format 'alpaca'"),
+    "sharegpt with an unknown speaker": ("sharegpt", b'{"conversations": [{"from": "bot", "value": "x"}]}\n',
+                                         r"rows\.jsonl:1: conversations\[0\]\.from must be one of human, user, gpt"),
+    "auto on columns of no format": ("auto", b'{"question": "x"}\n',
+                                     r"rows\.jsonl:1: data\.format auto: a row with columns \[question\] fits none of "
+                                     r"the formats.*Formats known: text \(text\); chat"),
+    "auto on unpaired preference rows": ("auto", b'{"prompt": "p", "completion": "c", "label": true}\n',
+                                         r"rows\.jsonl:1: data\.format auto: .*unpaired preference"),
+    "auto finding data the stage does not train on": (
+        "reward:auto", b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n',
+        r"data\.source \(jsonl source .*rows\.jsonl\): stage 'reward' trains on data\.format 'preference'.*"
+        r"not 'chat'"),
     "a row that is not an object": ("text", b'["a", "b"]\n', r"rows\.jsonl:1: expected an object with fields"),
     "invalid json line": ("text", b'{"text": "ok"}\n{"text": \n', r"rows\.jsonl:2: not valid JSON"),
     "non-utf8 bytes": ("text", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', r"rows\.jsonl:2: .*UTF-8"),
@@ -219,6 +270,33 @@ def test_bad_row(capsys, world, case):
     path = data_file(world, "rows.jsonl", content)
     refused(capsys, world, ["run", str(world["good"]), "--overwrite", f"stage={stage or 'sft'}",
                             f"data.source={{kind: jsonl, path: {path}}}", f"data.format={fmt}"], expected)
+
+
+DATA_KEYS = {  # (overrides, with FILE: a file of prompt/completion pairs and EMPTY: an empty file; expected)
+    "a column data.columns names that the rows lack": (
+        ["data.source={kind: jsonl, path: FILE}", "data.format=prompt_completion", "data.columns={prompt: question}"],
+        r"pairs\.jsonl:1: missing column 'question' \(for prompt\) named in data\.columns"),
+    "data.columns onto a field no format reads": (
+        ["data.source={kind: jsonl, path: FILE}", "data.columns={promt: prompt}"],
+        r"data\.columns\.promt: not a field ftl reads \(fields: text, messages"),
+    "a weighted source that gives nothing": (
+        ["data.source=null", "data.format=prompt_completion",
+         "data.sources=[{kind: jsonl, path: FILE, weight: 3}, {kind: jsonl, path: EMPTY, weight: 1}]"],
+        r"data\.sources\[1\]: no training records from jsonl source .*empty\.jsonl; it holds no rows"),
+    "a given split file that is missing": (
+        ["data.split.validation=0", "data.splits={validation: {kind: jsonl, path: /nonexistent/v.jsonl}}"],
+        r"data\.splits\.validation\.path: /nonexistent/v\.jsonl does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", list(DATA_KEYS))
+def test_bad_data_keys(capsys, world, case):
+    overrides, expected = DATA_KEYS[case]
+    files = {"FILE": data_file(world, "pairs.jsonl", b'{"prompt": "p", "completion": "c"}\n' * 3),
+             "EMPTY": data_file(world, "empty.jsonl", b"")}
+    for name, path in files.items():
+        overrides = [o.replace(name, path) for o in overrides]
+    refused(capsys, world, ["run", str(world["good"]), "--overwrite", *overrides], expected)
 
 
 def test_data_path_that_is_a_directory(capsys, world):

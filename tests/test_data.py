@@ -127,7 +127,7 @@ def test_chat_loss_only_on_assistant_turns_each_ending_with_eos():
     tokenizer = train_tiny_tokenizer(["hello there how are you", "fine thanks and you"] * 5, 300)
     messages = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "fine thanks"},
                 {"role": "user", "content": "how are you"}, {"role": "assistant", "content": "and you"}]
-    enc = encode_record(tokenizer, {"messages": messages}, "chat", 512)
+    enc = encode_record(tokenizer, {"messages": messages}, 512)
     trained = tokenizer.decode([t for t in enc.labels if t != IGNORE])
     assert trained.replace("\n", "") == "fine thanks<|im_end|>and you<|im_end|>"
     eos = tokenizer.eos_token_id
@@ -136,10 +136,10 @@ def test_chat_loss_only_on_assistant_turns_each_ending_with_eos():
 
 def test_text_and_prompt_completion_end_with_eos():
     tokenizer = train_tiny_tokenizer(["some text here", "a prompt", "a completion"] * 5, 300)
-    text = encode_record(tokenizer, {"text": "some text here"}, "text", 64)
+    text = encode_record(tokenizer, {"text": "some text here"}, 64)
     assert text.input_ids[-1] == tokenizer.eos_token_id and text.labels == text.input_ids
     tokenizer.chat_template = None
-    pc = encode_record(tokenizer, {"prompt": "a prompt", "completion": "a completion"}, "prompt_completion", 64)
+    pc = encode_record(tokenizer, {"prompt": "a prompt", "completion": "a completion"}, 64)
     assert pc.labels[-1] == tokenizer.eos_token_id
     assert tokenizer.decode([t for t in pc.labels if t != IGNORE]) == "a completion<|im_end|>"
 
@@ -152,7 +152,7 @@ def test_assistant_only_loss_with_the_real_smollm2_chat_template():
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
     messages = [{"role": "user", "content": "What is AI?"},
                 {"role": "assistant", "content": "Artificial Intelligence is the branch of engineering."}]
-    enc = encode_record(tokenizer, {"messages": messages}, "chat", 512)
+    enc = encode_record(tokenizer, {"messages": messages}, 512)
     trained = tokenizer.decode([t for t in enc.labels if t != IGNORE])
     assert trained.strip() == "Artificial Intelligence is the branch of engineering.<|im_end|>"
     assert tokenizer.eos_token == "<|im_end|>"

@@ -77,7 +77,7 @@ def test_skip_mode_counts_undecodable_and_invalid_json_lines_by_reason(tmp_path)
     assert dict(report.skipped) == {"not valid JSON": 2, "not UTF-8": 1, "missing field 'completion'": 1}
     assert report.first_skipped[0].startswith(f"{path}:3: not valid JSON (")
     assert report.first_skipped[2].startswith(f"{path}:9: not UTF-8 (byte 0xe9")
-    assert report.as_dict()["skipped"] == dict(report.skipped)  # what the manifest records as data.rows
+    assert report.as_manifest()["rows"]["skipped"] == dict(report.skipped)  # what the manifest records as data.rows
 
 
 def test_when_every_row_is_rejected_the_error_gives_reasons_and_first_lines(tmp_path):

@@ -23,6 +23,15 @@ def test_every_source_kind_has_a_reader():
     assert literal_values(SourceConfig, "kind") == set(SOURCES)
 
 
+def test_every_data_format_has_a_module_giving_the_kind_the_schema_says():
+    from ftl.config.schema import FORMAT_KINDS
+    from ftl.data.formats import FORMATS
+
+    assert FORMAT_KINDS == {name: info.kind for name, info in FORMATS.items()}
+    assert literal_values(DataConfig, "format") == set(FORMATS) | {"auto"}
+    assert {info.kind for info in FORMATS.values()} == set(FORMATS) - {"alpaca", "sharegpt"}  # the record kinds
+
+
 def test_source_kinds_that_need_a_path_agree():
     assert set(PATH_SOURCE_KINDS) == {kind for kind, info in SOURCES.items() if info.needs_path}
 

@@ -166,6 +166,14 @@ def test_a_saved_recipe_with_a_hidden_secret_is_not_launched_with_the_placeholde
 PATH_RECIPES = {  # each path key, set to a relative path in an otherwise valid recipe
     ("model", "path"): {"model": {"source": "path", "path": "files/thing"}},
     ("data", "source", "path"): {"data": {"source": {"kind": "jsonl", "path": "files/thing"}, "format": "chat"}},
+    ("data", "sources", "*", "path"): {"data": {"source": None, "sources": [{"kind": "jsonl", "path": "files/thing"}],
+                                                "format": "chat"}},
+    ("data", "splits", "train", "path"): {"data": {"source": None, "format": "chat",
+                                                   "splits": {"train": {"kind": "jsonl", "path": "files/thing"}}}},
+    ("data", "splits", "validation", "path"): {"data": {"split": {}, "format": "chat", "splits": {
+        "validation": {"kind": "jsonl", "path": "files/thing"}}}},
+    ("data", "splits", "test", "path"): {"data": {"format": "chat", "splits": {
+        "test": {"kind": "jsonl", "path": "files/thing"}}}},
     ("launch", "config_file"): {"launch": {"config_file": "files/thing"}},
     ("launch", "deepspeed"): {"launch": {"deepspeed": "files/thing"}},
     ("reward", "path"): {"reward": {"kind": "model", "path": "files/thing"}},
@@ -174,7 +182,7 @@ PATH_RECIPES = {  # each path key, set to a relative path in an otherwise valid 
 
 def value_at(recipe, keys):
     for key in keys:
-        recipe = getattr(recipe, key)
+        recipe = recipe[0] if key == "*" else getattr(recipe, key)  # '*': every list item (the test has one)
     return recipe
 
 
@@ -195,7 +203,7 @@ def test_relative_path_resolves_against_the_recipe_folder(tmp_path, monkeypatch,
     save_resolved(recipe, tmp_path / "saved.yaml")  # the run folder's copy holds the absolute path
     saved = yaml.safe_load((tmp_path / "saved.yaml").read_text())
     for key in keys:
-        saved = saved[key]
+        saved = saved[0 if key == "*" else key]
     assert saved == str(folder / "files" / "thing")
 
 

@@ -23,8 +23,9 @@ from ftl.errors import RecipeError
 REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 PATH_VARIABLE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")  # ${VAR} or $VAR
 
-PATH_KEYS = (("model", "path"), ("data", "source", "path"), ("launch", "config_file"), ("launch", "deepspeed"),
-             ("reward", "path"))
+PATH_KEYS = (("model", "path"), ("data", "source", "path"), ("data", "sources", "*", "path"),
+             ("data", "splits", "train", "path"), ("data", "splits", "validation", "path"),
+             ("data", "splits", "test", "path"), ("launch", "config_file"), ("launch", "deepspeed"), ("reward", "path"))
 LAUNCH_ENV = ("launch", "env")  # expanded when the launch environment is built, never at load
 REFERENCES_ATTR = "_env_references"  # on a loaded Recipe: {key path: (as written, as expanded)}
 
@@ -98,14 +99,26 @@ def resolve_paths(data: dict, where_of, base: Path, fallback: Optional[Path] = N
     """data (a recipe, a profile body or an override) with every path key absolute. `prefix`: where data
     sits in the file (a profile's keys), for the line in errors."""
     out = copy.deepcopy(data)
-    for keys in PATH_KEYS:
-        parent = out
-        for key in keys[:-1]:
-            parent = parent.get(key) if isinstance(parent, dict) else None
-        if isinstance(parent, dict) and isinstance(parent.get(keys[-1]), str):
-            where = f"{where_of(prefix + keys)}: {dotted(keys)}"
-            parent[keys[-1]] = absolute_path(parent[keys[-1]], where, base, fallback)
+    for pattern in PATH_KEYS:
+        for keys, parent in _path_parents(out, pattern):
+            if isinstance(parent.get(keys[-1]), str):
+                where = f"{where_of(prefix + keys)}: {dotted(keys)}"
+                parent[keys[-1]] = absolute_path(parent[keys[-1]], where, base, fallback)
     return out
+
+
+def _path_parents(data: dict, pattern: KeyPath, done: KeyPath = ()):
+    """(key path, the dict holding its last key) for each place `pattern` matches; '*' is every list item."""
+    if len(pattern) == 1:
+        if isinstance(data, dict):
+            yield done + pattern, data
+        return
+    key, rest = pattern[0], pattern[1:]
+    if key == "*":
+        for index, item in enumerate(data if isinstance(data, list) else []):
+            yield from _path_parents(item, rest, done + (index,))
+    elif isinstance(data, dict) and key in data:
+        yield from _path_parents(data[key], rest, done + (key,))
 
 
 def absolute_path(text: str, where: str, base: Path, fallback: Optional[Path]) -> str:

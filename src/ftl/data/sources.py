@@ -33,21 +33,22 @@ class SourceInfo:
     reads_folder: bool = False  # data.source.path is a folder (else one file)
 
 
-def read_source(source: SourceConfig, fmt: str) -> Rows:
+def read_source(source: SourceConfig, fmt: str, key: str = "data.source") -> Rows:
+    """`key` names the source in errors (data.source, data.sources[1], data.splits.test)."""
     info = SOURCES[source.kind]
     if info.needs_path:
-        check_path(Path(source.path), source.kind, info.reads_folder)
+        check_path(Path(source.path), source.kind, info.reads_folder, key)
     return info.read(source, fmt)
 
 
-def check_path(path: Path, kind: str, folder: bool) -> None:
+def check_path(path: Path, kind: str, folder: bool, key: str = "data.source") -> None:
     if not path.exists():
-        raise DataError(f"data.source.path: {path} does not exist")
+        raise DataError(f"{key}.path: {path} does not exist")
     if folder and not path.is_dir():
-        raise DataError(f"data.source.path: {path} is a file; source kind '{kind}' reads a folder "
+        raise DataError(f"{key}.path: {path} is a file; source kind '{kind}' reads a folder "
                         "written by datasets' save_to_disk")
     if not folder and path.is_dir():
-        raise DataError(f"data.source.path: {path} is a folder; source kind '{kind}' reads one .{kind} file")
+        raise DataError(f"{key}.path: {path} is a folder; source kind '{kind}' reads one .{kind} file")
 
 
 def bad_byte(raw: bytes, start: int) -> str:

@@ -16,9 +16,12 @@ def record_hash(record: dict) -> str:
 
 
 def group_key(record: dict) -> str:
-    if "messages" in record:
-        first_user = next((m["content"] for m in record["messages"] if m["role"] == "user"), "")
-        return first_user or record_hash(record)
+    """The question a record answers: its first user turn (a conversation, a conversational prompt), else its
+    prompt or text."""
+    for name in ("messages", "prompt"):
+        if isinstance(record.get(name), list):
+            first_user = next((m["content"] for m in record[name] if m["role"] == "user"), "")
+            return first_user or record_hash(record)
     for name in ("prompt", "text"):
         if name in record:
             return record[name]
@@ -51,9 +54,10 @@ def fingerprint(records: list[dict]) -> str:
     return digest.hexdigest()[:16]
 
 
-def split_records(records, validation: float, test: float, seed: int) -> Splits:
+def split_records(records, validation: float, test: float, seed: int, seen: set[str] | None = None) -> Splits:
+    """`seen`: hashes of records already taken (from earlier sources), dropped as duplicates here too."""
     splits = Splits()
-    seen: set[str] = set()
+    seen = set() if seen is None else seen
     for record in records:
         h = record_hash(record)
         if h in seen:
@@ -68,6 +72,17 @@ def split_records(records, validation: float, test: float, seed: int) -> Splits:
         else:
             splits.train.append(record)
     return splits
+
+
+SPLIT_PAIRS = (("train", "validation"), ("train", "test"), ("validation", "test"))
+
+
+def overlap(splits: Splits) -> dict[str, int]:
+    """For each pair of splits, how many records of the second are also in the first (the same record,
+    by the de-duplication hash): given splits are used as they are, so this is reported, not removed."""
+    hashes = {name: {record_hash(r) for r in getattr(splits, name)} for name in ("train", "validation")}
+    return {f"{first}/{second}": sum(record_hash(r) in hashes[first] for r in getattr(splits, second))
+            for first, second in SPLIT_PAIRS}
 
 
 def in_share(record: dict, index: int, of: int) -> bool:

@@ -2,13 +2,17 @@
 
 Chat: loss on assistant turns only, found from the chat template's own rendering (works with any
 template, no `{% generation %}` tags needed); each assistant turn keeps its end-of-turn token so the
-model learns to stop. Text and prompt/completion end with EOS.
+model learns to stop. A conversational prompt/completion trains on the completion's assistant turns only.
+Tools and tool calls are rendered by the template (conversation.py). Text and prompt/completion end with EOS.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Optional
 
+from ftl.data.conversation import render, split_exchange, tools_of, with_system
+from ftl.data.records import record_kind
 from ftl.errors import DataError
 
 IGNORE = -100
@@ -39,21 +43,16 @@ class EncodeReport:
         return asdict(self)
 
 
-def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
-    if system_prompt and messages[0]["role"] != "system":
-        return [{"role": "system", "content": system_prompt}] + messages
-    return messages
-
-
-def encode_chat(tokenizer, messages: list[dict], max_length: int) -> Encoded:
-    render = lambda msgs, gen=False: tokenizer.apply_chat_template(  # noqa: E731
-        msgs, tokenize=False, add_generation_prompt=gen)
-    full = render(messages)
+def encode_chat(tokenizer, messages: list[dict], max_length: int, tools: Optional[list[dict]] = None,
+                trained_from: int = 0) -> Encoded:
+    """Loss on the assistant turns from message `trained_from` on (0: every assistant turn)."""
+    full = render(tokenizer, messages, tools)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < trained_from:
             continue
-        before, through = render(messages[:i], gen=True), render(messages[: i + 1])
+        before = render(tokenizer, messages[:i], tools, generation=True)
+        through = render(tokenizer, messages[: i + 1], tools)
         if not (through.startswith(before) and full.startswith(through)):
             raise DataError("the tokenizer's chat template does not render conversations as growing "
                             "prefixes; assistant-only loss cannot be located")
@@ -81,24 +80,30 @@ def encode_text(tokenizer, text: str, max_length: int) -> Encoded:
     return cut(ids, list(ids), max_length)
 
 
-def encode_record(tokenizer, record: dict, fmt: str, max_length: int, system_prompt: str | None = None) -> Encoded:
-    if fmt == "chat":
-        return encode_chat(tokenizer, with_system(record["messages"], system_prompt), max_length)
-    if fmt == "prompt_completion":
+def encode_record(tokenizer, record: dict, max_length: int, system_prompt: Optional[str] = None) -> Encoded:
+    """A record of any language-model kind (records from mixed sources may differ in kind)."""
+    kind = record_kind(record)
+    if kind == "chat":
+        return encode_chat(tokenizer, with_system(record["messages"], system_prompt), max_length, tools_of(record))
+    if kind == "prompt_completion" and isinstance(record["prompt"], list):
+        prompt = with_system(record["prompt"], system_prompt)
+        return encode_chat(tokenizer, prompt + record["completion"], max_length, tools_of(record),
+                           trained_from=len(prompt))
+    if kind == "prompt_completion":
         if tokenizer.chat_template:
             messages = [{"role": "user", "content": record["prompt"]},
                         {"role": "assistant", "content": record["completion"]}]
             return encode_chat(tokenizer, with_system(messages, system_prompt), max_length)
         return encode_prompt_completion(tokenizer, record["prompt"], record["completion"], max_length)
-    if fmt == "text":
+    if kind == "text":
         return encode_text(tokenizer, record["text"], max_length)
-    raise DataError(f"data.format '{fmt}' cannot be used for language-model training")
+    raise DataError(f"{kind} records cannot be used for language-model training")
 
 
 def encode_records(tokenizer, records: list[dict], data, report: EncodeReport | None = None) -> list[dict]:
-    """Features for a DataConfig's format; examples with nothing to learn (e.g. truncated before the
-    answer) dropped. `report`, when given, counts the truncated and the dropped."""
-    encoded = [encode_record(tokenizer, r, data.format, data.max_length, data.system_prompt) for r in records]
+    """Features under a DataConfig's max_length and system prompt; examples with nothing to learn (e.g.
+    truncated before the answer) dropped. `report`, when given, counts the truncated and the dropped."""
+    encoded = [encode_record(tokenizer, r, data.max_length, data.system_prompt) for r in records]
     features = [e.as_dict() for e in encoded if any(t != IGNORE for t in e.labels[1:])]
     if report is not None:
         report.encoded += len(encoded)
@@ -115,20 +120,41 @@ def render_pair(tokenizer, prompt: str, response: str, system_prompt: str | None
     return f"{prompt}\n{response}{tokenizer.eos_token}"
 
 
+def render_response(tokenizer, record: dict, response: str, system_prompt: str | None = None) -> str:
+    """A preference record's prompt and its `response` ('chosen' or 'rejected') as one finished exchange."""
+    if isinstance(record["prompt"], list):
+        return render(tokenizer, with_system(record["prompt"], system_prompt) + record[response], tools_of(record))
+    return render_pair(tokenizer, record["prompt"], record[response], system_prompt)
+
+
+def preference_texts(tokenizer, record: dict, system_prompt: str | None = None) -> dict:
+    """{prompt, chosen, rejected} as text for a preference trainer: the prompt ready for generation, each
+    answer as the policy should continue it (ending with EOS / the end of its turn)."""
+    if isinstance(record["prompt"], list):
+        prompt, (chosen, rejected) = split_exchange(tokenizer, with_system(record["prompt"], system_prompt),
+                                                    [record["chosen"], record["rejected"]], tools_of(record))
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    eos = tokenizer.eos_token
+    return {"prompt": generation_prompt(tokenizer, record, system_prompt)[0],
+            "chosen": record["chosen"] + eos, "rejected": record["rejected"] + eos}
+
+
 def generation_prompt(tokenizer, record: dict, system_prompt: str | None = None) -> tuple[str, str | None]:
     """(prompt text ready for generation, reference answer) for a record."""
     if "messages" in record:
         messages = record["messages"]
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         context, reference = messages[:last], messages[last]["content"]
+    elif isinstance(record.get("prompt"), list):  # conversational prompt (and completion)
+        context = record["prompt"]
+        answer = record.get("completion") or []
+        reference = next((m["content"] for m in answer if m["role"] == "assistant" and m["content"]), None)
     elif "prompt" in record:
         context, reference = [{"role": "user", "content": record["prompt"]}], record.get("completion")
     else:
         return record["text"][:200], None
     if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(with_system(context, system_prompt), tokenize=False,
-                                             add_generation_prompt=True)
-        return text, reference
+        return render(tokenizer, with_system(context, system_prompt), tools_of(record), generation=True), reference
     return context[-1]["content"], reference
 
 

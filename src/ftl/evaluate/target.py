@@ -40,7 +40,7 @@ def data_config_for_file(path: str, fmt: str, like: DataConfig | None) -> DataCo
     if kind is None:
         raise FtlError(f"--data {path}: expected a .jsonl, .json, .csv, .parquet file or a saved dataset folder")
     base = like.model_dump() if like else {"format": fmt}
-    base.update(source={"kind": kind, "path": str(p)}, format=fmt or base["format"],
+    base.update(source={"kind": kind, "path": str(p)}, sources=None, splits=None, format=fmt or base["format"],
                 split={"validation": 0.0, "test": 0.0, "seed": 0}, limit=None)
     return DataConfig.model_validate(base)
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ftl.config.schema import Recipe
-from ftl.data.tokenize import EncodeReport, render_pair
+from ftl.data.tokenize import EncodeReport, render_response
 from ftl.evaluate.sharded import sum_over_ranks
 from ftl.models.scoring import sequence_scores
 from ftl.stages.session import RunSession
@@ -23,8 +23,8 @@ def encode_pairs(tokenizer, records: list[dict], recipe: Recipe, report: Optiona
     """Chosen and rejected conversations as token ids, each cut at data.max_length (counted in `report`)."""
     out, limit = [], recipe.data.max_length
     for r in records:
-        chosen = render_pair(tokenizer, r["prompt"], r["chosen"], recipe.data.system_prompt)
-        rejected = render_pair(tokenizer, r["prompt"], r["rejected"], recipe.data.system_prompt)
+        chosen = render_response(tokenizer, r, "chosen", recipe.data.system_prompt)
+        rejected = render_response(tokenizer, r, "rejected", recipe.data.system_prompt)
         ids = tokenizer([chosen, rejected], add_special_tokens=False)["input_ids"]
         out.append({"chosen_input_ids": ids[0][:limit], "rejected_input_ids": ids[1][:limit]})
         if report is not None:
@@ -76,13 +76,15 @@ def run_reward(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     encoding = EncodeReport()
     train = encode_pairs(tokenizer, splits.train, recipe, encoding)
     validation = encode_pairs(tokenizer, session.validation_records(splits), recipe)
+    test = encode_pairs(tokenizer, session.test_records(splits), recipe)
     rows = session.training_rows(train, encoding=encoding)
     model = session.prepare_model(tokenizer, head="sequence_classification")
     pad = tokenizer.pad_token_id
 
-    def evaluate(m) -> dict:
-        return pairwise_metrics(m, validation, pad, recipe.eval.batch_size, session.accelerator) if validation else {}
+    def evaluate(m, pairs: list[dict] = validation) -> dict:
+        return pairwise_metrics(m, pairs, pad, recipe.eval.batch_size, session.accelerator) if pairs else {}
 
     model, result = session.fit(model, tokenizer, rows, lambda batch: collate_pairs(batch, pad), pairwise_loss,
                                 evaluate)
-    return session.finish(model, tokenizer, result, lambda: evaluate(model))
+    return session.finish(model, tokenizer, result,
+                          lambda: {**evaluate(model), **({"test": evaluate(model, test)} if test else {})})

@@ -28,8 +28,8 @@ from accelerate.utils import broadcast_object_list, set_seed
 
 from ftl import run_dir as layout
 from ftl.config import resolved_dict, save_resolved
-from ftl.config.schema import Recipe
-from ftl.config.stages import STAGES
+from ftl.config.schema import FORMAT_KINDS, Recipe
+from ftl.config.stages import STAGES, stage_problems
 from ftl.console import hide_weight_bars, metrics_line, save_console
 from ftl.data import load_splits
 from ftl.data.packing import pack_sequences
@@ -119,13 +119,25 @@ class RunSession:
     def validation_records(self, splits) -> list[dict]:
         return splits.validation[: self.recipe.eval.max_examples]
 
+    def test_records(self, splits) -> list[dict]:
+        """The test split (hash-split or given in data.splits.test), scored by the end-of-run evaluation."""
+        return splits.test[: self.recipe.eval.max_examples]
+
     def load_data(self):
         splits, report = load_splits(self.recipe.data)
+        for source in report.sources:  # data.format auto: the stage learns what it got only now
+            if source.format not in FORMAT_KINDS:  # auto on a source with no rows: its error comes below
+                continue
+            problems = stage_problems(self.recipe.stage, source.format, True, kind=FORMAT_KINDS[source.format])
+            if problems:
+                raise DataError(f"{source.key} ({source.origin}): {'; '.join(problems)}")
         self.manifest_fields["data"] = {"fingerprints": splits.fingerprints(), "sizes": splits.sizes(),
-                                        "duplicates_dropped": splits.duplicates_dropped,
-                                        "rows": report.as_dict()}
-        if report.skipped and self.main:
-            print(f"ftl: skipped {sum(report.skipped.values())} bad rows: {dict(report.skipped)}", flush=True)
+                                        "duplicates_dropped": splits.duplicates_dropped, **report.as_manifest()}
+        if self.main:
+            for line in report.notes():
+                print(line, flush=True)
+            if report.skipped:
+                print(f"ftl: skipped {sum(report.skipped.values())} bad rows: {dict(report.skipped)}", flush=True)
         return splits
 
     def note_data(self, **fields) -> None:

@@ -23,13 +23,15 @@ def run_sft(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     encoding = EncodeReport()  # truncated / dropped training examples, for the manifest
     train = encode_records(tokenizer, splits.train, recipe.data, encoding)
     validation = encode_records(tokenizer, session.validation_records(splits), recipe.data)
+    test = encode_records(tokenizer, session.test_records(splits), recipe.data)
     rows = session.training_rows(train, encoding=encoding)
     model = session.prepare_model(tokenizer)
     evaluate = lm_evaluation(session, tokenizer, validation, splits.validation)
 
     model, result = session.fit(model, tokenizer, rows, partial(collate, pad_id=tokenizer.pad_token_id),
                                 causal_lm_loss, evaluate, evaluate_before=partial(evaluate, with_samples=True))
-    summary = session.finish(model, tokenizer, result, lambda: evaluate(model, with_samples=True))
+    summary = session.finish(model, tokenizer, result,
+                             lambda: {**evaluate(model, with_samples=True), **test_loss(session, model, tokenizer, test)})
     if recipe.method.qat.enabled and not result.interrupted:  # convert, save quantized/, compare with PTQ
         summary["qat"] = compare_qat(recipe, run_dir, session.accelerator, resume, validation=validation)
     return summary
@@ -49,3 +51,11 @@ def lm_evaluation(session: RunSession, tokenizer, validation: list[dict], prompt
                                                   recipe.eval.generate.max_new_tokens)
         return metrics
     return evaluate
+
+
+def test_loss(session: RunSession, model, tokenizer, test: list[dict]) -> dict:
+    """The test split's loss and perplexity, at the end of the run only (as `after.test`)."""
+    if not test:
+        return {}
+    recipe = session.recipe
+    return {"test": lm_loss(model, test, tokenizer.pad_token_id, recipe.eval.batch_size, session.accelerator)}
