@@ -15,7 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 README = HERE.parent / "README.md"
-BENCHES = ["sft_throughput", "zero3_memory", "peft_memory", "ppo_speed"]
+BENCHES = ["sft_throughput", "zero3_memory", "peft_memory", "ppo_speed", "checkpoint_bytes"]
 
 
 def table(results: dict[str, dict]) -> str:
@@ -70,6 +70,12 @@ def table(results: dict[str, dict]) -> str:
                      f"parameter bytes | {m['total_shared_reference'] / 2**20:.0f} MiB (reference = disabled adapter) | "
                      f"{m['total_copied_reference'] / 2**20:.0f} MiB (reference copy) | "
                      f"{100 * r['memory_saved_by_sharing']:.0f}% less | (reported) |")
+    if "checkpoint_bytes" in results:
+        r = results["checkpoint_bytes"]
+        sizes = ", ".join(f"{k} {v['bytes'] / 1e6:.3g} MB" for k, v in r["methods"].items() if k != "full")
+        lines.append(f"| Bytes per checkpoint ({r['model']}, AdamW; adapter methods leave the frozen base out) | "
+                     f"checkpoint folder | {sizes} | full {r['methods']['full']['bytes'] / 1e6:.0f} MB | "
+                     f"LoRA {100 * r['lora_share_of_full']:.2f}% of full | (reported) |")
     return "\n".join(lines)
 
 

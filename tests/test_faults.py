@@ -14,26 +14,48 @@ from conftest import (assert_resumed_from, complete_checkpoint_steps, ftl_comman
                       subprocess_env, tiny_recipe_dict, train_losses, write_recipe)
 
 STEPS = 150
+# Adapter methods: checkpoints hold the adapter alone, the frozen base is rebuilt on resume (dropout on, so
+# the RNG states must come back too). QLoRA's 4-bit CPU path needs hidden size 64.
+METHODS = {"full": {"method": {"kind": "full"}},
+           "lora": {"method": {"kind": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.1}}},
+           "qlora": {"method": {"kind": "qlora", "lora": {"r": 4, "alpha": 8, "dropout": 0.1}},
+                     "model": {"tiny": {"hidden_size": 64, "intermediate_size": 128}}}}
 
 
-def long_recipe(tmp_path, name):
+def long_recipe(tmp_path, name, method="full"):
     # Many short steps, so a signal reliably lands mid-run; checkpoints every 10 steps.
+    sections = METHODS[method]
+    model = tiny_recipe_dict(tmp_path)["model"]
+    model["tiny"] = {**model["tiny"], **sections.get("model", {}).get("tiny", {})}
     recipe = tiny_recipe_dict(tmp_path / name, train={"max_steps": STEPS, "save_every": 10, "batch_size": 2,
                                                       "lr": 3e-3, "scheduler": "cosine", "warmup_steps": 5},
-                              eval={"max_examples": 4, "generate": {"from_validation": 0}})
+                              eval={"max_examples": 4, "generate": {"from_validation": 0}},
+                              method=sections["method"], model=model)
     return write_recipe(tmp_path / f"{name}.yaml", recipe)
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("faults")
-    proc = run_ftl("run", str(long_recipe(tmp, "straight")), cwd=tmp)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp / "straight"
+def straight_runs(tmp_path_factory):
+    """method → its uninterrupted run, made on first use."""
+    runs = {}
+
+    def run(method: str):
+        if method not in runs:
+            tmp = tmp_path_factory.mktemp(f"faults-{method}")
+            proc = run_ftl("run", str(long_recipe(tmp, "straight", method)), cwd=tmp)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            runs[method] = tmp / "straight"
+        return runs[method]
+    return run
 
 
-def start_and_interrupt(tmp_path, name, sig, at_step=45) -> subprocess.Popen:
-    recipe = long_recipe(tmp_path, name)
+@pytest.fixture(scope="module")
+def uninterrupted(straight_runs):
+    return straight_runs("full")
+
+
+def start_and_interrupt(tmp_path, name, sig, at_step=45, method="full") -> subprocess.Popen:
+    recipe = long_recipe(tmp_path, name, method)
     proc = subprocess.Popen(ftl_command("run", str(recipe)), cwd=tmp_path, env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / name / "metrics.jsonl"
@@ -51,21 +73,28 @@ def assert_same_run(resumed, straight):
     assert train_losses(resumed) == train_losses(straight)
     assert [r["lr"] for r in read_jsonl(resumed / "metrics.jsonl")] == \
         [r["lr"] for r in read_jsonl(straight / "metrics.jsonl")]
-    a, b = load_file(resumed / "final" / "model.safetensors"), load_file(straight / "final" / "model.safetensors")
-    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    files = sorted(p.name for p in (straight / "final").glob("*.safetensors"))  # the adapter alone for adapters
+    assert files and files == sorted(p.name for p in (resumed / "final").glob("*.safetensors"))
+    for name in files:
+        a, b = load_file(resumed / "final" / name), load_file(straight / "final" / name)
+        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
-def test_sigkill_then_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp_path):
-    proc = start_and_interrupt(tmp_path, "killed", signal.SIGKILL)
+@pytest.mark.parametrize("method", list(METHODS))
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run(straight_runs, tmp_path, method):
+    proc = start_and_interrupt(tmp_path, "killed", signal.SIGKILL, method=method)
     assert proc.returncode == -signal.SIGKILL
     run = tmp_path / "killed"
     assert not (run / "final").exists()
     steps = complete_checkpoint_steps(run)
     assert steps and steps[-1] < STEPS
+    if method != "full":  # the checkpoint resumed from holds the adapter, not the base
+        saved = load_file(run / "checkpoints" / f"step-{steps[-1]:07d}" / "model.safetensors")
+        assert saved and all(".lora_" in name for name in saved), sorted(saved)[:5]
     resumed = run_ftl("run", str(tmp_path / "killed.yaml"), "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_resumed_from(resumed.stdout + resumed.stderr, run, steps[-1], STEPS)
-    assert_same_run(run, uninterrupted)
+    assert_same_run(run, straight_runs(method))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])

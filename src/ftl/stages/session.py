@@ -161,7 +161,12 @@ class RunSession:
 
     def load_base(self, tokenizer, head: str = "causal_lm", num_labels: int = 1):
         """The base model, quantised as the recipe's method needs (QLoRA: 4-bit, lora8bit: 8-bit)."""
-        model = load_model(self.recipe.model, self.base_dir(tokenizer), METHODS[self.recipe.method.kind].quant_bits,
+        base_dir = self.base_dir(tokenizer)  # a fresh tiny run builds it here, drawing from the global generator
+        # ...so reseed: a fresh run and its resume (and every rank) must draw the same new head and adapter
+        # init, since a checkpoint leaves the frozen ones (a frozen new head, PEFT's original copy of it) to
+        # this rebuild
+        set_seed(self.recipe.train.seed)
+        model = load_model(self.recipe.model, base_dir, METHODS[self.recipe.method.kind].quant_bits,
                            self.recipe.method.quant, head=head, num_labels=num_labels)
         if head != "causal_lm":
             model.config.pad_token_id = tokenizer.pad_token_id

@@ -5,6 +5,9 @@ last and the folder renamed to `step-N`. Only a `step-N` folder whose marker lis
 there, at their sizes, with a readable state file, is complete. Resume takes the newest complete one
 and names each newer one it skips (a kill mid-write, a truncated or missing file, a stray folder);
 pruning counts and removes complete checkpoints only and leaves anything else alone.
+
+Inside is accelerate's state (model, optimizer, scheduler, RNG states); a run whose method or train.freeze
+keeps a base frozen leaves that base out and records its digests (ftl.train.frozen_base).
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ from ftl.track.manifest import update_manifest
 from ftl.train import controls
 from ftl.train.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from ftl.train.distributed import offloads_optimizer, uses_deepspeed
+from ftl.train.frozen_base import leave_frozen_base_out
 from ftl.train.resume_contract import check_resume_step
 from ftl.train.signals import StopRequest
 from ftl.train.watchdog import Watchdog
@@ -127,6 +128,8 @@ class _Optimization:
                               "input embeddings)")
         # what the method and train.freeze leave trainable; phases choose within it
         self.allowed = set(controls.trainable_names(accelerator.unwrap_model(model)))
+        # so everything else stays frozen all run: checkpoints leave it out (rebuilt from the base on resume)
+        leave_frozen_base_out(accelerator, [accelerator.unwrap_model(model)])
         if len(cfg.unfreeze) > 1 and uses_deepspeed(accelerator):
             raise RecipeError("train.unfreeze: gradual unfreezing rebuilds the optimizer at each phase boundary, "
                               "which a DeepSpeed engine cannot do; train with DDP (no launch.deepspeed) or one phase")

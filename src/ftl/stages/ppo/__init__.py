@@ -25,6 +25,7 @@ from ftl.rl.rollout import Rollout, collect, response_logprobs, response_values
 from ftl.stages.session import RunSession
 from ftl.train.checkpoint import latest_checkpoint, load_checkpoint
 from ftl.train.distributed import is_sharded
+from ftl.train.frozen_base import leave_frozen_base_out
 from ftl.train.loop import FitResult, checkpoint_and_maybe_stop, micro_batches
 from ftl.train.resume_contract import check_resume_step
 from ftl.train.signals import StopRequest
@@ -160,6 +161,8 @@ class PPOModels:
         else:
             self.policy, self.value, self.optimizer = acc.prepare(policy, value, optimizer)
             self.trained = self.policy
+        # the policy's frozen base stays out of checkpoints (policy adapter and value model are saved)
+        leave_frozen_base_out(acc, [policy, value])
         if self.reward.model is not None:
             self.reward.model.to(acc.device)
         self.reference = Reference(acc, self.policy, recipe.method.kind)
