@@ -329,6 +329,17 @@ CLI = {
     "merge a full fine-tune": (["merge", "RUN"], r"method 'full' has nothing to merge"),
     "merge a folder without a run": (["merge", "TMP"], r"empty: not a run directory \(no recipe\.yaml\)"),
     "eval format typo": (["eval", "RUN", "--data", "DATA", "--format", "chta"], r"(format|chta)"),
+    "eval a language model on preference rows": (
+        ["eval", "RUN", "--data", "DATA", "--format", "preference"],
+        r"--data \S+eval\.jsonl: \S+ holds a language model \(stage 'sft'\); it scores text, chat, "
+        r"prompt_completion .* rows, not 'preference'"),
+    "eval a language model on classification rows": (
+        ["eval", "RUN", "--data", "DATA", "--format", "classification"],
+        r"holds a language model .* not 'classification'"),
+    "eval a model folder without data": (["eval", "FINAL"],
+                                         r"is a language-model folder: give --data FILE and --format"),
+    "eval a split the run does not have": (["eval", "RUN", "--split", "test"],
+                                           r"the run's test split is empty \(data\.split\.test: 0\.0\)"),
     "dtype typo": (["merge", "RUN", "--dtype", "fp8"], r"argument --dtype: invalid choice: 'fp8'"),
     "no cores for the job": (["slurm", "submit", "GOOD", "--cpus-per-task", "0", "--dry-run"],
                              r"--cpus-per-task: expected a whole number above 0, got 0"),
@@ -343,7 +354,8 @@ def test_bad_command_line(capsys, world, case):
     empty = world["tmp"] / "empty"
     empty.mkdir(exist_ok=True)
     data = data_file(world, "eval.jsonl", b'{"text": "hello there"}\n')
-    names = {"GOOD": str(world["good"]), "RUN": str(world["run"]), "TMP": str(empty), "DATA": data}
+    names = {"GOOD": str(world["good"]), "RUN": str(world["run"]), "TMP": str(empty), "DATA": data,
+             "FINAL": str(world["run"] / "final")}
     refused(capsys, world, [names.get(a, a) for a in argv], expected)
 
 

@@ -12,7 +12,8 @@ from ftl.config import load_recipe
 from ftl.data import load_splits
 from ftl.errors import DataError
 from ftl.data.splits import Splits
-from ftl.stages.classify import label_id, label_names
+from ftl.evaluate.classification import label_id
+from ftl.stages.classify import label_names
 
 SENTIMENT = ROOT / "recipes" / "classify_sentiment_zh.yaml"
 TOPIC = ROOT / "recipes" / "classify_topic.yaml"

@@ -14,8 +14,8 @@ LAYERS = {
     "data": 3, "track": 3, "launch": 3, "run_lock": 3,
     "methods": 4,
     "models": 5,
-    "train": 6,
-    "evaluate": 7, "rl": 7, "plan": 7,
+    "train": 6, "rl": 6,  # rl below evaluate: `ftl eval` of a policy run compares it as the RL stages do
+    "evaluate": 7, "plan": 7,
     "stages": 8,
     "runner": 9, "pipeline": 9, "compare": 9, "catalog": 9,
     "slurm": 10,

@@ -53,6 +53,14 @@ def test_every_stage_row_names_a_run_function_and_known_formats():
         assert set(info.formats) <= formats, f"stage {name}: unknown formats {set(info.formats) - formats}"
 
 
+def test_every_stage_has_an_eval_row_that_scores_what_the_stage_trains_on():
+    from ftl.evaluate.by_stage import BY_STAGE
+
+    assert set(BY_STAGE) == set(STAGES)
+    for name, info in STAGES.items():  # `ftl eval RUN` scores the run's own split in the run's format
+        assert set(info.formats) <= set(BY_STAGE[name].formats), name
+
+
 def test_every_method_kind_has_a_row_with_every_column():
     assert literal_values(MethodConfig, "kind") == set(METHODS) == set(METHOD_KINDS)
     columns = {f.name for f in dataclasses.fields(MethodInfo)}

@@ -149,7 +149,7 @@ def training_pair_metrics(run_dir):
 
     from ftl.config import load_recipe
     from ftl.data import load_splits
-    from ftl.stages.reward import encode_pairs, pairwise_metrics
+    from ftl.evaluate.pairwise import encode_pairs, pairwise_metrics
 
     recipe = load_recipe(run_dir / "recipe.yaml")
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")

@@ -111,12 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     _job_args(pipe)
     pipe.set_defaults(handler=cmd_pipeline)
 
-    ev = sub.add_parser("eval", help="evaluate a run directory or a model folder")
+    ev = sub.add_parser("eval", help="evaluate a run directory or a model folder as its stage's kind of model "
+                                     "(language model, classifier, reward model, policy)")
     ev.add_argument("target", help="run directory (from ftl run) or a model folder")
-    ev.add_argument("--data", help="a data file to evaluate on (default: the run's validation split)")
+    ev.add_argument("--data", help="a data file to evaluate on (default: the run's --split)")
     ev.add_argument("--format", default=None, help="record format of --data (default: the run's)")
-    ev.add_argument("--split", default="validation", choices=["train", "validation", "test"])
-    ev.add_argument("--out", default=None, help="where to write eval.json / eval.md (default: target)")
+    ev.add_argument("--split", default="validation", choices=["train", "validation", "test"],
+                    help="the run's own split to score, re-made from its data section (default: validation)")
+    ev.add_argument("--out", default=None, help="where to write eval.json / eval.md (default: TARGET/eval)")
     ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                     help="where to evaluate (default auto: CUDA when present; a 4/8-bit model stays where it loaded)")
     _verbose_arg(ev)

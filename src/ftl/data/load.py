@@ -77,6 +77,13 @@ class DataReport:
     def first_skipped(self) -> list[str]:
         return self.rows.first_skipped
 
+    def kinds(self, split: Optional[str] = None) -> set[str]:
+        """The kinds of record the sources gave (those of one split, when named; a split hash-split from train:
+        train's). Under data.format auto the recipe's format says nothing about them."""
+        sources = [s for s in self.sources if split is None or s.split == split] or \
+            [s for s in self.sources if s.split == "train"]
+        return {FORMATS[s.format].kind for s in sources if s.format in FORMATS}
+
     def notes(self) -> list[str]:
         """Lines for the console: formats auto chose, overlap between given splits."""
         lines = [f"ftl: {s.detected}" for s in self.sources if s.detected]

@@ -1,7 +1,8 @@
-"""Evaluate a target, what `ftl eval TARGET` runs: a finished run directory (its final model, on its
-validation split or given data) or any local model folder (on given data). Writes eval.json/eval.md
-with the language-model loss, a few generations and the device it ran on (`--device`, default: CUDA
-when present). Imported only by that command, so torch and transformers load at module level.
+"""Evaluate a target, what `ftl eval TARGET` runs: a finished run directory or a bare model folder, scored
+as its stage's kind of model (`by_stage.BY_STAGE`: language model, classifier, reward model, policy) on the
+run's own split (`--split`, re-split deterministically from the run's data section) or on a given file
+(`--data`, in `--format`, default the run's). Writes eval.json/eval.md and prints one summary line.
+Imported only by that command, so torch and transformers load at module level.
 """
 
 from __future__ import annotations
@@ -10,21 +11,22 @@ from pathlib import Path
 from typing import get_args
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ftl import run_dir as layout
-from ftl.config.schema import DataConfig, Recipe
+from ftl.config import load_recipe
+from ftl.config.schema import FORMAT_KINDS, DataConfig, Recipe, ShareConfig
+from ftl.console import metrics_line
 from ftl.data import load_splits
-from ftl.data.tokenize import encode_records
 from ftl.errors import FtlError
-from ftl.evaluate.device import eval_device, model_device, place
-from ftl.evaluate.generate import generate_samples, sample_prompts
-from ftl.evaluate.lm import lm_loss
+from ftl.evaluate.by_stage import BY_STAGE, EvalJob, EvalKind
+from ftl.evaluate.device import eval_device
 from ftl.evaluate.report import write_report
-from ftl.models.trained import load_trained_causal_lm
+from ftl.evaluate.target_models import folder_stage
 
 SUFFIX_KIND = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 FORMATS = get_args(DataConfig.model_fields["format"].annotation)
+FOLDER_NAMES = {"sft": "a language-model folder", "classify": "a sequence-classifier folder",
+                "reward": "a reward-model folder (one-output sequence classifier)"}
 
 
 def check_format(fmt: str | None, data: str | None) -> None:
@@ -35,46 +37,87 @@ def check_format(fmt: str | None, data: str | None) -> None:
 
 
 def data_config_for_file(path: str, fmt: str, like: DataConfig | None) -> DataConfig:
+    """The file read whole, in `fmt`, tokenised like the run's data (max_length, system prompt): no split,
+    no limit, and no share (a pipeline stage's share would silently drop most of the file's rows)."""
     p = Path(path)
     kind = SUFFIX_KIND.get(p.suffix) or ("saved_dataset" if p.is_dir() else None)
     if kind is None:
         raise FtlError(f"--data {path}: expected a .jsonl, .json, .csv, .parquet file or a saved dataset folder")
     base = like.model_dump() if like else {"format": fmt}
     base.update(source={"kind": kind, "path": str(p)}, sources=None, splits=None, format=fmt or base["format"],
-                split={"validation": 0.0, "test": 0.0, "seed": 0}, limit=None)
+                split={"validation": 0.0, "test": 0.0, "seed": 0}, share=ShareConfig().model_dump(), limit=None)
     return DataConfig.model_validate(base)
+
+
+def open_target(path: Path) -> tuple[Recipe | None, str]:
+    """(the run's resolved recipe or None for a model folder, the stage whose output it holds)."""
+    if (path / layout.RECIPE_FILE).exists():
+        recipe = load_recipe(path / layout.RECIPE_FILE)
+        return recipe, recipe.stage
+    if (path / "config.json").exists():
+        return None, folder_stage(path)
+    raise FtlError(f"{path}: neither a run directory (no {layout.RECIPE_FILE}) nor a model folder (no config.json)")
+
+
+def format_to_score(kind: EvalKind, run: Recipe | None, stage: str, path: Path, data: str | None,
+                    fmt: str | None) -> str:
+    """The records' format: --format, else the run's, else a folder kind's only one; refused, naming the file
+    and what fits, when the model's kind cannot score it (auto: checked once the rows are read)."""
+    if run is None and not data:
+        needs = "--data FILE" + ("" if len(kind.formats) == 1 else " and --format FORMAT")
+        raise FtlError(f"{path} is {FOLDER_NAMES[stage]}: give {needs}")
+    fmt = fmt or (run.data.format if run else kind.formats[0] if len(kind.formats) == 1 else None)
+    if fmt is None:
+        raise FtlError(f"{path} is {FOLDER_NAMES[stage]}: give --format FORMAT for --data {data}")
+    if fmt != "auto":
+        check_kinds(kind, run, stage, path, data, {FORMAT_KINDS[fmt]}, fmt)
+    return fmt
+
+
+def check_kinds(kind: EvalKind, run: Recipe | None, stage: str, path: Path, data: str | None, kinds: set[str],
+                fmt: str) -> None:
+    for record_kind in sorted(kinds - set(kind.formats)):
+        what = f"{path} holds a {kind.name.replace('_', ' ')} (stage '{stage}')" if run else \
+            f"{path} is {FOLDER_NAMES[stage]}"
+        gives = f" ({record_kind} records)" if record_kind != fmt else ""
+        where = f"--data {data}" if data else f"{path}'s data"
+        raise FtlError(f"{where}: {what}; it scores {kind.describe} rows, not '{fmt}'{gives}")
+
+
+def records_to_score(run: Recipe | None, path: Path, data: str | None, fmt: str, split: str):
+    """(data section, records, where they come from, the kinds of record read): the whole file, or the run's
+    split re-made from its data section (hash splits: the same rows every time), cut at eval.max_examples as
+    the run's own evaluation was."""
+    if data:
+        data_cfg = data_config_for_file(data, fmt, run.data if run else None)
+        splits, report = load_splits(data_cfg)
+        return data_cfg, splits.train, data, report.kinds()
+    splits, report = load_splits(run.data)
+    records = getattr(splits, split)[: run.eval.max_examples]
+    if not records:
+        fraction = getattr(run.data.split, split, None)
+        raise FtlError(f"{path}: the run's {split} split is empty (data.split.{split}: {fraction}); choose another "
+                       "--split or give --data FILE")
+    return run.data, records, f"{split} split", report.kinds()
 
 
 def evaluate_target(target: str, data: str | None = None, fmt: str | None = None, split: str = "validation",
                     out: str | None = None, max_new_tokens: int = 24, samples: int = 3, device: str = "auto") -> dict:
-    check_format(fmt, data)  # before a model loads
+    check_format(fmt, data)  # every refusal comes before a model loads
     wanted = eval_device(device, torch.cuda.is_available())
     path = Path(target)
-    if (path / layout.RECIPE_FILE).exists():
-        model, tokenizer, recipe = load_trained_causal_lm(path)
-        data_cfg = data_config_for_file(data, fmt, recipe.data) if data else recipe.data
-    elif (path / "config.json").exists():
-        if not (data and fmt):
-            raise FtlError(f"{target} is a model folder: give --data FILE and --format FORMAT")
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path).eval()
-        data_cfg = data_config_for_file(data, fmt, None)
-        recipe = Recipe.model_validate({"name": path.name, "data": data_cfg.model_dump()})
-    else:
-        raise FtlError(f"{target}: neither a run directory (no {layout.RECIPE_FILE}) nor a model folder "
-                       "(no config.json)")
-    model = place(model, wanted)  # a 4/8-bit model stays on the device bitsandbytes loaded it on
-    splits, _ = load_splits(data_cfg) if data else load_splits(recipe.data)
-    records = splits.train if data else getattr(splits, split)[: recipe.eval.max_examples]
-    recipe = recipe.model_copy(update={"data": data_cfg})
-    features = encode_records(tokenizer, records, data_cfg)
-    metrics = lm_loss(model, features, tokenizer.pad_token_id, recipe.eval.batch_size)
-    prompts = sample_prompts(tokenizer, recipe.eval.generate, data_cfg.system_prompt,
-                             records)[: len(recipe.eval.generate.prompts) + samples]
-    metrics["samples"] = generate_samples(model, tokenizer, prompts, max_new_tokens)
-    metrics["examples"] = len(features)
-    metrics["device"] = str(model_device(model))
+    run, stage = open_target(path)
+    kind = BY_STAGE[stage]
+    fmt = format_to_score(kind, run, stage, path, data, fmt)
+    data_cfg, records, source, kinds = records_to_score(run, path, data, fmt, split)
+    check_kinds(kind, run, stage, path, data, kinds, fmt)
+    if len(kinds) == 1:  # the records' kind, what scoring reads (auto and alpaca/sharegpt name none)
+        data_cfg = data_cfg.model_copy(update={"format": next(iter(kinds))})
+    recipe = run.model_copy(update={"data": data_cfg}) if run else \
+        Recipe.model_validate({"name": path.name, "stage": stage, "data": data_cfg.model_dump()})
+    metrics = kind.evaluate(EvalJob(path, run is not None, recipe, records, source, wanted, max_new_tokens, samples))
+    metrics.update(stage=stage, kind=kind.name, data=source)
     json_path, md_path = write_report(Path(out) if out else path / "eval", {"eval": metrics})
-    print(md_path.read_text())
+    print(metrics_line(f"{path} ({kind.name}, {len(records)} records from {source})", metrics))
     print(f"ftl: wrote {json_path} and {md_path}")
     return metrics

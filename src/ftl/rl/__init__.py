@@ -7,5 +7,6 @@
     reward_functions  known reward functions of the text, e.g. "ftl.rl.reward_functions:count_substring"
     compare           the policy against its reference on held-out prompts (reward, win rate, KL, samples)
 
-Imports go downward only: config, data, models, methods ← rl ← stages. Nothing here imports a stage.
+Imports go downward only: config, data, models, methods ← rl ← evaluate (`ftl eval` of a policy run), stages.
+Nothing here imports a stage or the evaluation layer.
 """

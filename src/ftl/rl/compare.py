@@ -1,5 +1,6 @@
 """Policy vs reference on held-out prompts: reward, win rate, KL, samples side by side. PPO compares with
-its own reference; DPO and GRPO with the model they started from, in the same terms."""
+its own reference; DPO and GRPO with the model they started from, in the same terms; `ftl eval` of a
+policy run with the model it started from, through the same functions (so it reproduces the run's numbers)."""
 
 from __future__ import annotations
 
@@ -28,14 +29,14 @@ def response_log_softmax(model, r: Responses) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compare_policies(accelerator, policy, reference: Reference, reward: RewardFunction, tokenizer,
+def compare_policies(device, policy, reference: Reference, reward: RewardFunction, tokenizer,
                      prompts: list[str], sampling: SamplingConfig, samples: int = 4, repeats: int = 4) -> dict:
-    """Sampled responses of both on the same prompts (repeated `repeats` times). KL is exact per token (full
-    distributions) along the policy's responses, summed over each response. Every rank runs it alike."""
+    """Sampled responses of both on the same prompts (repeated `repeats` times), on `device` (the
+    accelerator's in a run). KL is exact per token (full distributions) along the policy's responses, summed
+    over each response. Every rank runs it alike."""
     if not prompts:
         return {}
     prompts = prompts * repeats
-    device = accelerator.device
     policy_out = sampled_responses(policy, tokenizer, prompts, sampling, device)
     with reference.model() as ref_model:
         ref_out = sampled_responses(ref_model, tokenizer, prompts, sampling, device)
@@ -65,11 +66,11 @@ def compare_policies(accelerator, policy, reference: Reference, reward: RewardFu
     }
 
 
-def compare_with_initial(accelerator, policy, initial_dir: Path, tokenizer, recipe: Recipe,
-                         validation: list[dict], reward: RewardFunction) -> dict:
-    """A trained policy (DPO, GRPO) against the model it started from (`initial_dir`), exactly as PPO
-    reports it."""
-    initial = load_frozen(recipe, initial_dir).to(accelerator.device)
-    prompts = [generation_prompt(tokenizer, r, recipe.data.system_prompt)[0] for r in validation]
-    return compare_policies(accelerator, accelerator.unwrap_model(policy), Reference.frozen_model(initial), reward,
-                            tokenizer, prompts, recipe.sampling)
+def compare_with_initial(device, policy, initial_dir: Path, tokenizer, recipe: Recipe,
+                         records: list[dict], reward: RewardFunction) -> dict:
+    """A trained (unwrapped) policy against the model it started from (`initial_dir`) on the records'
+    prompts, exactly as PPO reports it: DPO and GRPO at the end of a run, `ftl eval` of any policy run."""
+    initial = load_frozen(recipe, initial_dir).to(device)
+    prompts = [generation_prompt(tokenizer, r, recipe.data.system_prompt)[0] for r in records]
+    return compare_policies(device, policy, Reference.frozen_model(initial), reward, tokenizer, prompts,
+                            recipe.sampling)

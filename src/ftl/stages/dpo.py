@@ -52,8 +52,9 @@ def run_dpo(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
             metrics["test"] = scores(test)
         if recipe.reward is not None:
             reward = load_reward(recipe, session.accelerator.device)
-            metrics.update(compare_with_initial(session.accelerator, trainer.model, session.base_dir(tokenizer),
-                                                tokenizer, recipe, validation, reward))
+            acc = session.accelerator
+            metrics.update(compare_with_initial(acc.device, acc.unwrap_model(trainer.model),
+                                                session.base_dir(tokenizer), tokenizer, recipe, validation, reward))
         return metrics
 
     return session.finish(trainer.model, tokenizer, FitResult(steps=trainer.state.global_step), evaluate)

@@ -53,6 +53,8 @@ def run_grpo(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     trainer.train(resume_from_checkpoint=last_trl_checkpoint(run_dir, resume))
     tokenizer.padding_side = "right"
     validation = session.validation_records(splits)
+    acc = session.accelerator
     return session.finish(trainer.model, tokenizer, FitResult(steps=trainer.state.global_step),
-                          lambda: compare_with_initial(session.accelerator, trainer.model, session.base_dir(tokenizer),
-                                                       tokenizer, recipe, validation, reward))
+                          lambda: compare_with_initial(acc.device, acc.unwrap_model(trainer.model),
+                                                       session.base_dir(tokenizer), tokenizer, recipe, validation,
+                                                       reward))

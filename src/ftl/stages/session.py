@@ -131,6 +131,7 @@ class RunSession:
             problems = stage_problems(self.recipe.stage, source.format, True, kind=FORMAT_KINDS[source.format])
             if problems:
                 raise DataError(f"{source.key} ({source.origin}): {'; '.join(problems)}")
+        self.record_kinds = report.kinds  # split -> kinds of record its sources gave (data.format may be auto)
         self.manifest_fields["data"] = {"fingerprints": splits.fingerprints(), "sizes": splits.sizes(),
                                         "duplicates_dropped": splits.duplicates_dropped, **report.as_manifest()}
         if self.main:

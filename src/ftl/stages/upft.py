@@ -248,7 +248,7 @@ def upft_evaluation(session: RunSession, tokenizer, held_out: list[dict], splits
     loss on the reference answers when the format has them, greedy generations when asked."""
     recipe, acc = session.recipe, session.accelerator
     references = encode_records(tokenizer, session.validation_records(splits), recipe.data) \
-        if recipe.data.format in ("chat", "prompt_completion") else []
+        if session.record_kinds("validation") <= {"chat", "prompt_completion"} else []
     prompts = sample_prompts(tokenizer, recipe.eval.generate, recipe.data.system_prompt, splits.validation)
 
     def evaluate(model, with_samples: bool = False) -> dict:

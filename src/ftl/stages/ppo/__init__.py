@@ -126,8 +126,8 @@ def run_ppo(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
 
     result = FitResult(steps=step, interrupted=step < total)
     return session.finish(models.trained, tokenizer, result,
-                          lambda: compare_policies(acc, models.unwrapped_policy, models.reference, models.reward,
-                                                   tokenizer, held_out, recipe.sampling),
+                          lambda: compare_policies(acc.device, models.unwrapped_policy, models.reference,
+                                                   models.reward, tokenizer, held_out, recipe.sampling),
                           part="policy" if models.sharded else None)
 
 
