@@ -83,3 +83,35 @@ def test_new_key_maps_dotted_keys_inside_profiles():
     assert new_key("ppo.reward.path") == "reward.path"
     assert new_key("profiles.tiny.ppo.top_k") == "profiles.tiny.sampling.top_k"
     assert new_key("ppo.kl_coef") == "ppo.kl_coef" and new_key("train.lr") == "train.lr"
+
+
+# keys issue #15 added to the schema: a run started before them has none in its resume contract
+KEYS_ADDED_SINCE = ("data.sources", "data.splits", "data.columns", "data.mix.stopping_strategy", "data.mix.seed",
+                    "data.source.format", "data.source.columns", "data.source.weight", "data.source.name",
+                    "data.source.revision", "model.name", "model.revision")
+
+
+def contract_of(tmp_path, **sections) -> dict:
+    from ftl.train.resume_contract import make_contract
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_recipe_dict(tmp_path / "run", **sections)))
+    return make_contract(resolved_dict(recipe), {"train": "abc"})
+
+
+def test_a_run_started_before_new_schema_keys_stays_resumable(tmp_path):
+    from ftl.train.resume_contract import changes
+
+    new = contract_of(tmp_path)
+    old = {"recipe": {k: v for k, v in new["recipe"].items() if k not in KEYS_ADDED_SINCE}, "splits": new["splits"]}
+    assert set(new["recipe"]) - set(old["recipe"]) == set(KEYS_ADDED_SINCE) & set(new["recipe"])
+    assert len(set(new["recipe"]) - set(old["recipe"])) >= 8
+    assert changes(old, new) == []
+
+
+def test_a_new_key_set_away_from_its_default_is_still_a_change(tmp_path):
+    from ftl.train.resume_contract import changes
+
+    new = contract_of(tmp_path, data={"format": "chat", "mix": {"seed": 7}, "max_length": 64})
+    old = {"recipe": {k: v for k, v in new["recipe"].items() if k not in KEYS_ADDED_SINCE}, "splits": new["splits"]}
+    old["recipe"]["train.lr"] = 1.0
+    assert changes(old, new) == ["data.mix.seed: '(unset)' → 7", f"train.lr: 1.0 → {new['recipe']['train.lr']!r}"]

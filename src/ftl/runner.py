@@ -54,8 +54,9 @@ def locate_hub_repos(recipe: Recipe) -> None:
     missing one is refused here within a second."""
     if recipe.model.source == "hub":
         hub_model(recipe.model)
-    if recipe.data.source.kind == "hub":
-        dataset_snapshot(recipe.data.source)
+    for _, _, source in recipe.data.entries():  # data.source, data.sources, data.splits
+        if source.kind == "hub":
+            dataset_snapshot(source)
 
 
 def run_recipe(path, profile=None, overrides=(), resume=False, run_dir=None, overwrite=False) -> dict:

@@ -15,6 +15,9 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from pydantic import BaseModel
+
+from ftl.config.schema import Recipe
 from ftl.errors import RecipeError
 from ftl.run_dir import CONTRACT_FILE
 
@@ -61,11 +64,42 @@ def read_contract(run_dir: Path) -> Optional[dict]:
         return None
 
 
+UNKNOWN = object()
+
+
+def schema_default(key: str) -> Any:
+    """The recipe schema's default for a dotted key (as the contract stores it), UNKNOWN for no such key or
+    a required one."""
+    cls: Any = Recipe
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return UNKNOWN
+        if i == len(parts) - 1:
+            if field.is_required():
+                return UNKNOWN
+            default = field.get_default(call_default_factory=True)
+            default = default.model_dump(mode="json") if isinstance(default, BaseModel) else default
+            return json.loads(json.dumps(default, default=str))
+        cls = next((t for t in (field.annotation, *getattr(field.annotation, "__args__", ()))
+                    if isinstance(t, type) and issubclass(t, BaseModel)), None)
+    return UNKNOWN
+
+
+def new_key_at_default(key: str, recipe_old: dict, recipe_new: dict) -> bool:
+    """A key the run's ftl did not know yet (absent from its contract), left at its default: it changes
+    nothing, so runs started before an upgrade that added keys stay resumable."""
+    return key not in recipe_old and key in recipe_new and recipe_new[key] == schema_default(key)
+
+
 def changes(old: dict, new: dict) -> list[str]:
     """'key: old → new' for every training-relevant difference (recipe keys, then data splits)."""
     lines = []
     recipe_old, recipe_new = old.get("recipe", {}), new.get("recipe", {})
     for key in sorted(set(recipe_old) | set(recipe_new)):
+        if new_key_at_default(key, recipe_old, recipe_new):
+            continue
         if recipe_old.get(key, "(unset)") != recipe_new.get(key, "(unset)"):
             lines.append(f"{key}: {recipe_old.get(key, '(unset)')!r} → {recipe_new.get(key, '(unset)')!r}")
     for split in sorted(set(old.get("splits", {})) | set(new.get("splits", {}))):
