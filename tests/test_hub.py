@@ -149,6 +149,7 @@ def test_a_tiny_recipe_trains_from_hub_ids_offline_and_the_manifest_records_the_
     assert not (run / "base").exists() and (run / "final" / "model.safetensors").is_file()
     # the dataset's train split only (its parquet shard), every row read
     assert manifest["data"]["rows"]["read"] == len(hub["train"])
+    assert manifest["data"]["sources"][0]["origin"] == f"hub dataset {DATA_ID} (commit {hub['data_commit']})"
     assert sum(manifest["data"]["sizes"].values()) + manifest["data"]["duplicates_dropped"] == len(hub["train"])
 
 

@@ -16,6 +16,7 @@ from ftl.config.schema import DataConfig, DataSource
 from ftl.data.columns import check_columns, rename_columns
 from ftl.data.detect import ROWS_LOOKED_AT, detect_format
 from ftl.data.formats import FORMATS
+from ftl.data.hub import dataset_snapshot
 from ftl.data.mix import mix
 from ftl.data.records import RowReport, validate_rows
 from ftl.data.sources import read_source
@@ -148,6 +149,8 @@ def load_splits(cfg: DataConfig) -> tuple[Splits, DataReport]:
 
 def open_report(key: str, split: str, source: DataSource, cfg: DataConfig, report: DataReport) -> SourceReport:
     origin = f"{source.kind} source" + (f" {source.path}" if source.path else "")
+    if source.kind == "hub":  # the commit the cache resolved, so the manifest says which data ran
+        origin = f"hub dataset {source.name} (commit {dataset_snapshot(source).commit})"
     source_report = SourceReport(key, split, origin, cfg.format_of(source), weight=source.weight)
     report.sources.append(source_report)
     return source_report
