@@ -68,7 +68,7 @@ def test_eval_format_typo_lists_the_formats(tmp_path, capsys):
     data.write_text('{"prompt": "a", "completion": "b"}\n')
     line = cli_error(["eval", str(tmp_path), "--data", str(data), "--format", "prompt_complete"], capsys)
     assert line == ("ftl: error: --format prompt_complete: not a record format; one of text, chat, "
-                    "prompt_completion, preference, classification, prompts")
+                    "prompt_completion, preference, classification, prompts, alpaca, sharegpt, auto")
     assert "give both" in cli_error(["eval", str(tmp_path), "--format", "chat"], capsys)
 
 
