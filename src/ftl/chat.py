@@ -53,7 +53,7 @@ class Chat:
         stop = {"stop_strings": [self.stop_text], "tokenizer": tokenizer} if self.stop_text else {}
         out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
                                   max_new_tokens=self.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                  eos_token_id=self.stop_ids, **sampling, **stop)
+                                  eos_token_id=self.stop_ids or None, **sampling, **stop)
         text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         return (text.split(self.stop_text)[0] if self.stop_text else text).strip()
 
