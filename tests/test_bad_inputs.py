@@ -134,6 +134,9 @@ RECIPE_TEXT = {
                                            "{test: 0.1}, splits: {test: {kind: chatterbot}}}\n",
                                            r"data\.split\.test \(a share hash-split from train\) and "
                                            r"data\.splits\.test \(a given file\) both set"),
+    "unknown chat template": ("name: t\ndata: {source: {kind: chatterbot}, format: chat, chat_template: chatmll}\n",
+                              r":2: data\.chat_template: .*unknown chat template 'chatmll': expected a name "
+                              r"\(chatml, llama3\) or the path of a Jinja template file"),
     "unknown key in a profile": ("name: t\ndata: {source: {kind: chatterbot}, format: chat}\nprofiles:\n  tiny:\n"
                                  "    trian: {lr: 1}\n", r"unknown key 'profiles\.tiny\.trian'"),
 }
@@ -176,8 +179,28 @@ RUNTIME = {
     "a chat template that drops tool calls": (
         ["data.source={kind: jsonl, path: TOOLS}", "data.format=chat"],
         r"the tokenizer's chat template drops tool calls: 'get_weather' is not in the rendered conversation"),
+    "a chat template file that is missing": (["data.chat_template=/nonexistent/chat.jinja"],
+                                             r"data\.chat_template: /nonexistent/chat\.jinja does not exist; expected a "
+                                             r"Jinja template file or a name \(chatml, llama3\)"),
+    "a chat template that is not Jinja": (["data.chat_template=UNCLOSED"],
+                                          r"data\.chat_template: .*unclosed\.jinja is not a valid Jinja template \(line 1"),
+    "a chat template that drops the answer": (
+        ["data.chat_template=DROPS"], r"data\.chat_template: .*drops\.jinja drops the assistant's answer .*so the "
+                                      r"model would train without it"),
+    "a chat template that renders the prompt differently once answered": (
+        ["data.chat_template=REWRITES"], r"data\.chat_template: .*rewrites\.jinja renders the prompt .* differently "
+                                         r"once answered .*assistant-only labels cannot be located"),
     "flash attention 2 on cpu": (["model.attn_implementation=flash_attention_2", "train.batch_size=1"],
                                  r"model\.attn_implementation 'flash_attention_2' runs on CUDA only"),
+}
+
+
+CHAT_TEMPLATES = {  # data.chat_template files that must be refused
+    "unclosed": "{% for message in messages %}{{ message['content'] }}",
+    "drops": "{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] }}\n{% endif %}{% endfor %}",
+    # a generation prompt the answered exchange does not begin with: labels would land on the wrong tokens
+    "rewrites": "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ 'Answer:' }}{% endif %}",
 }
 
 
@@ -190,7 +213,10 @@ def test_refused_before_training(capsys, world, case, tmp_path):
         {"role": "user", "content": "weather in Paris?"},
         {"role": "assistant", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
         {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "It is sunny."}]}).encode() + b"\n")
+    templates = {name.upper(): data_file(world, f"{name}.jinja", text.encode()) for name, text in CHAT_TEMPLATES.items()}
     overrides = [o.replace("TOOLS", tools) for o in overrides]
+    for name, path in templates.items():
+        overrides = [o.replace(name, path) for o in overrides]
     refused(capsys, world, ["run", str(world["good"]), f"track.output_dir={tmp_path / 'fresh'}", *overrides],
             expected)
 

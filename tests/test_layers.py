@@ -17,7 +17,7 @@ LAYERS = {
     "train": 6, "rl": 6,  # rl below evaluate: `ftl eval` of a policy run compares it as the RL stages do
     "evaluate": 7, "plan": 7,
     "stages": 8,
-    "runner": 9, "pipeline": 9, "compare": 9, "catalog": 9,
+    "runner": 9, "pipeline": 9, "compare": 9, "catalog": 9, "chat": 9,
     "slurm": 10,
     "cli": 11, "__main__": 12,
 }

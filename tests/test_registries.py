@@ -19,6 +19,15 @@ def literal_values(model, field: str) -> set:
     return set(get_args(model.model_fields[field].annotation))
 
 
+def test_every_chat_template_name_has_a_template():
+    from ftl.config.schema import CHAT_TEMPLATE_NAMES
+    from ftl.data.chat_templates import CHAT_TEMPLATES
+
+    assert set(CHAT_TEMPLATE_NAMES) == set(CHAT_TEMPLATES)
+    assert all(name == template.origin and template.end_of_turn in template.markers
+               for name, template in CHAT_TEMPLATES.items())
+
+
 def test_every_source_kind_has_a_reader():
     assert literal_values(SourceConfig, "kind") == set(SOURCES)
 

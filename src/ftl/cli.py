@@ -1,4 +1,4 @@
-"""The `ftl` command line: `ftl run | launch | plan | merge | pipeline | eval | compare | slurm | recipes`.
+"""The `ftl` command line: `ftl run | launch | plan | merge | pipeline | eval | chat | compare | slurm | recipes`.
 
 The parser, and one handler per command that imports what it needs when it runs. An FtlError (bad
 recipe, data or launch settings) prints one clear line and exits 2, with no traceback.
@@ -123,6 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where to evaluate (default auto: CUDA when present; a 4/8-bit model stays where it loaded)")
     _verbose_arg(ev)
     ev.set_defaults(handler=cmd_eval)
+
+    chat = sub.add_parser("chat", help="talk to a run's trained model or a model folder: one --prompt, or a "
+                                       "conversation read from stdin (/reset clears it, /exit quits)")
+    chat.add_argument("target", help="run directory (from ftl run) or a model folder")
+    chat.add_argument("--prompt", default=None, help="one message: print the reply and exit")
+    chat.add_argument("--system", default=None, help="system prompt (default: the run's data.system_prompt; '' for none)")
+    chat.add_argument("--max-new-tokens", type=int, default=128, help="reply length limit in tokens (default 128)")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above 0: sampled")
+    chat.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                      help="where to generate (default auto: CUDA when present)")
+    _verbose_arg(chat)
+    chat.set_defaults(handler=cmd_chat)
 
     compare = sub.add_parser("compare", help="run a recipe's compare.variants (methods, from scratch) and report")
     _recipe_args(compare)
@@ -354,4 +366,12 @@ def cmd_eval(args) -> int:
 
     evaluate_target(args.target, data=args.data, fmt=args.format, split=args.split, out=args.out,
                     device=args.device)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from ftl.chat import run_chat
+
+    run_chat(args.target, prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
+             temperature=args.temperature, device=args.device)
     return 0

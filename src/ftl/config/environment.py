@@ -26,6 +26,7 @@ PATH_VARIABLE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z
 PATH_KEYS = (("model", "path"), ("data", "source", "path"), ("data", "sources", "*", "path"),
              ("data", "splits", "train", "path"), ("data", "splits", "validation", "path"),
              ("data", "splits", "test", "path"), ("launch", "config_file"), ("launch", "deepspeed"), ("reward", "path"))
+NAME_OR_PATH_KEYS = (("data", "chat_template"),)  # a name (llama3) stays as written; a path resolves
 LAUNCH_ENV = ("launch", "env")  # expanded when the launch environment is built, never at load
 REFERENCES_ATTR = "_env_references"  # on a loaded Recipe: {key path: (as written, as expanded)}
 
@@ -99,12 +100,18 @@ def resolve_paths(data: dict, where_of, base: Path, fallback: Optional[Path] = N
     """data (a recipe, a profile body or an override) with every path key absolute. `prefix`: where data
     sits in the file (a profile's keys), for the line in errors."""
     out = copy.deepcopy(data)
-    for pattern in PATH_KEYS:
+    for pattern in PATH_KEYS + NAME_OR_PATH_KEYS:
         for keys, parent in _path_parents(out, pattern):
-            if isinstance(parent.get(keys[-1]), str):
+            value = parent.get(keys[-1])
+            if isinstance(value, str) and (pattern in PATH_KEYS or looks_like_path(value)):
                 where = f"{where_of(prefix + keys)}: {dotted(keys)}"
                 parent[keys[-1]] = absolute_path(parent[keys[-1]], where, base, fallback)
     return out
+
+
+def looks_like_path(value: str) -> bool:
+    """A value with a folder separator, a file suffix or a leading ~ or $ is a path; a bare word is a name."""
+    return any(c in value for c in "/\\.") or value.startswith(("~", "$"))
 
 
 def _path_parents(data: dict, pattern: KeyPath, done: KeyPath = ()):

