@@ -222,6 +222,8 @@ def chat_template_name_or_path(value: Optional[str]) -> Optional[str]:
         raise ValueError(f"unknown chat template '{value}': expected a name ({', '.join(CHAT_TEMPLATE_NAMES)}) "
                          "or the path of a Jinja template file (e.g. templates/mine.jinja)")
     return value
+
+
 SPLIT_NAMES = ("train", "validation", "test")
 
 
