@@ -15,7 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 README = HERE.parent / "README.md"
-BENCHES = ["sft_throughput", "zero3_memory", "peft_memory", "ppo_speed", "checkpoint_bytes"]
+BENCHES = ["sft_throughput", "zero3_memory", "peft_memory", "ppo_speed", "checkpoint_bytes", "loss_memory"]
 
 
 def table(results: dict[str, dict]) -> str:
@@ -76,6 +76,20 @@ def table(results: dict[str, dict]) -> str:
         lines.append(f"| Bytes per checkpoint ({r['model']}, AdamW; adapter methods leave the frozen base out) | "
                      f"checkpoint folder | {sizes} | full {r['methods']['full']['bytes'] / 1e6:.0f} MB | "
                      f"LoRA {100 * r['lora_share_of_full']:.2f}% of full | (reported) |")
+    if "loss_memory" in results:
+        r = results["loss_memory"]
+        gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+        for suffix, label in (("", ""), ("_gc", ", activation checkpointing")):
+            plain, chunked = r["runs"]["plain" + suffix], r["runs"]["chunk_1024" + suffix]
+            lines.append(f"| SFT step memory, chunked loss ({r['model']}, fp32 full fine-tune, AdamW, "
+                         f"{r['batch'][0]}x{r['batch'][1]} tokens{label}) | peak RSS (the step's own growth) | "
+                         f"{gib(chunked['peak_rss_bytes'])} ({gib(chunked['step_bytes'])}, 1024-token chunks) | "
+                         f"{gib(plain['peak_rss_bytes'])} ({gib(plain['step_bytes'])}, plain logits) | "
+                         f"{chunked['peak_rss_bytes'] / plain['peak_rss_bytes']:.2f}x peak, "
+                         f"{chunked['step_bytes'] / plain['step_bytes']:.2f}x growth | (reported) |")
+            lines.append(f"| SFT step time, chunked vs plain loss (the runs above{label}) | seconds, 2nd step | "
+                         f"{chunked['step_seconds'][1]:.1f} s | {plain['step_seconds'][1]:.1f} s | "
+                         f"{chunked['step_seconds'][1] / plain['step_seconds'][1]:.2f}x | (reported) |")
     return "\n".join(lines)
 
 

@@ -372,6 +372,10 @@ class TrainConfig(Section):
     batch_size: int = Field(8, gt=0, description="sequences (or packs) per device per micro-step")
     grad_accum: int = Field(1, gt=0)
     grad_clip: Optional[float] = Field(1.0, gt=0)
+    loss_chunk_tokens: int = Field(
+        1024, ge=0, description="causal-LM losses and log-probabilities apply the output head over chunks of this "
+        "many tokens, each recomputed in backward, so the full-vocabulary logits never exist at once (same loss "
+        "and gradients); 0: plain (all logits at once, needed for models that soft-cap or scale their logits)")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     log_every: int = Field(1, gt=0)
     save_every: Optional[int] = Field(None, gt=0, description="optimizer steps between checkpoints")

@@ -51,7 +51,8 @@ def evaluate_lm(job: EvalJob) -> dict:
     metrics = {"examples": len(job.records)}
     if data.format != "prompts":  # bare prompts have no text to predict: generations only
         features = encode_records(tokenizer, job.records, data)  # drops examples with nothing to predict
-        metrics = {**lm_loss(model, features, tokenizer.pad_token_id, job.recipe.eval.batch_size),
+        metrics = {**lm_loss(model, features, tokenizer.pad_token_id, job.recipe.eval.batch_size,
+                             chunk_tokens=job.recipe.train.loss_chunk_tokens),
                    "examples": len(features)}
     prompts = sample_prompts(tokenizer, generate, data.system_prompt, job.records)
     prompts = prompts[: len(generate.prompts) + job.samples]  # the fixed prompts, then a few of the records'

@@ -10,6 +10,7 @@ import torch
 
 from ftl.config.schema import Recipe, SamplingConfig
 from ftl.data.tokenize import generation_prompt
+from ftl.models.chunked_loss import DEFAULT_CHUNK_TOKENS, chunked_kl, hidden_states
 from ftl.rl.reference import Reference, load_frozen
 from ftl.rl.reward import RewardFunction
 from ftl.rl.rollout import Responses, sample_responses
@@ -22,15 +23,39 @@ def sampled_responses(model, tokenizer, prompts: list[str], sampling: SamplingCo
     return sample_responses(model, tokenizer, prompts, sampling, device)
 
 
+def response_inputs(r: Responses) -> dict:
+    return {"input_ids": r.sequences, "attention_mask": r.attention_mask, "position_ids": r.position_ids,
+            "use_cache": False}
+
+
+def response_positions(per_position: torch.Tensor, r: Responses) -> torch.Tensor:
+    """The positions predicting the response (after any virtual tokens a prompt method prepends)."""
+    return per_position[:, -r.sequences.shape[1]:][:, r.prompt_length - 1:-1]
+
+
 def response_log_softmax(model, r: Responses) -> torch.Tensor:
-    logits = model(input_ids=r.sequences, attention_mask=r.attention_mask, position_ids=r.position_ids,
-                   use_cache=False).logits
-    return torch.log_softmax(logits[:, r.prompt_length - 1:-1].float(), -1)
+    return torch.log_softmax(response_positions(model(**response_inputs(r)).logits, r).float(), -1)
+
+
+def response_kl(policy, reference: Reference, r: Responses, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """Exact KL(policy || reference) at each response position ([B, R], full distributions). chunk_tokens > 0:
+    from both models' hidden states, the heads applied chunk by chunk (never the full logits of either)."""
+    if not chunk_tokens:
+        with reference.model() as ref_model:
+            ref_logp = response_log_softmax(ref_model, r)
+        policy_logp = response_log_softmax(policy, r)
+        return (policy_logp.exp() * (policy_logp - ref_logp)).sum(-1)
+    with reference.model() as ref_model:
+        ref_hidden, ref_head = hidden_states(ref_model, response_inputs(r))
+    policy_hidden, policy_head = hidden_states(policy, response_inputs(r))
+    return chunked_kl(policy_head, response_positions(policy_hidden, r), ref_head, response_positions(ref_hidden, r),
+                      chunk_tokens, reference.model)
 
 
 @torch.no_grad()
 def compare_policies(device, policy, reference: Reference, reward: RewardFunction, tokenizer,
-                     prompts: list[str], sampling: SamplingConfig, samples: int = 4, repeats: int = 4) -> dict:
+                     prompts: list[str], sampling: SamplingConfig, samples: int = 4, repeats: int = 4,
+                     chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> dict:
     """Sampled responses of both on the same prompts (repeated `repeats` times), on `device` (the
     accelerator's in a run). KL is exact per token (full distributions) along the policy's responses, summed
     over each response. Every rank runs it alike."""
@@ -40,9 +65,7 @@ def compare_policies(device, policy, reference: Reference, reward: RewardFunctio
     policy_out = sampled_responses(policy, tokenizer, prompts, sampling, device)
     with reference.model() as ref_model:
         ref_out = sampled_responses(ref_model, tokenizer, prompts, sampling, device)
-        ref_logp = response_log_softmax(ref_model, policy_out)
-    policy_logp = response_log_softmax(policy, policy_out)
-    kl = ((policy_logp.exp() * (policy_logp - ref_logp)).sum(-1) * policy_out.mask).sum(-1)
+    kl = (response_kl(policy, reference, policy_out, chunk_tokens) * policy_out.mask).sum(-1)
 
     def scores(r: Responses) -> tuple[torch.Tensor, torch.Tensor]:
         """(as optimised: score + missing-EOS penalty, the reward model / function alone)"""
@@ -73,4 +96,4 @@ def compare_with_initial(device, policy, initial_dir: Path, tokenizer, recipe: R
     initial = load_frozen(recipe, initial_dir).to(device)
     prompts = [generation_prompt(tokenizer, r, recipe.data.system_prompt)[0] for r in records]
     return compare_policies(device, policy, Reference.frozen_model(initial), reward, tokenizer, prompts,
-                            recipe.sampling)
+                            recipe.sampling, chunk_tokens=recipe.train.loss_chunk_tokens)

@@ -11,6 +11,7 @@ import torch
 
 from ftl.config.schema import Recipe
 from ftl.methods import METHODS
+from ftl.models.chunked_loss import DEFAULT_CHUNK_TOKENS
 from ftl.models.load import load_model, without_zero_init
 from ftl.rl.rollout import response_logprobs
 
@@ -54,6 +55,8 @@ class Reference:
         else:
             yield self.frozen
 
-    def logprobs(self, sequences, mask, pos, prompt_length: int, temperature: float) -> torch.Tensor:
+    def logprobs(self, sequences, mask, pos, prompt_length: int, temperature: float,
+                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
         with self.model() as model:
-            return response_logprobs(model, sequences, mask, pos, prompt_length, temperature)
+            return response_logprobs(model, sequences, mask, pos, prompt_length, temperature,
+                                     chunk_tokens=chunk_tokens)

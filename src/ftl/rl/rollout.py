@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ftl.config.schema import SamplingConfig
+from ftl.models.chunked_loss import DEFAULT_CHUNK_TOKENS, chunked_response_logprobs
 from ftl.models.scoring import token_scores
 from ftl.rl.maths import entropy_from_logits
 
@@ -63,9 +64,16 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def response_logprobs(model, sequences, attention_mask, position_ids, prompt_length: int,
-                      temperature: float, with_entropy: bool = False):
-    logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False).logits[:, prompt_length - 1:-1].float() / temperature
+                      temperature: float, with_entropy: bool = False, chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+    """log p(response token) at `temperature` ([B, R]) and, with_entropy, each distribution's entropy.
+    chunk_tokens > 0: without the full-vocabulary logits (ftl.models.chunked_loss); 0: from them."""
+    inputs = {"input_ids": sequences, "attention_mask": attention_mask, "position_ids": position_ids,
+              "use_cache": False}
+    if chunk_tokens:
+        return chunked_response_logprobs(model, inputs, sequences, prompt_length, temperature, with_entropy,
+                                         chunk_tokens)
+    # virtual tokens a prompt method prepends come first: the sequence is the last positions
+    logits = model(**inputs).logits[:, -sequences.shape[1]:][:, prompt_length - 1:-1].float() / temperature
     targets = sequences[:, prompt_length:]
     logprobs = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return (logprobs, entropy_from_logits(logits)) if with_entropy else logprobs
@@ -98,15 +106,16 @@ def sample_responses(model, tokenizer, prompts: list[str], sampling: SamplingCon
 
 @torch.no_grad()
 def collect(policy, reference, value_model, reward, tokenizer, prompts: list[str], sampling: SamplingConfig,
-            device) -> Rollout:
+            device, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Rollout:
     """Sample one response per prompt and score it (reference: ftl.rl.reference.Reference, reward:
     ftl.rl.reward.RewardFunction)."""
     started = time.perf_counter()
     r = sample_responses(policy, tokenizer, prompts, sampling, device)
     generation_seconds = time.perf_counter() - started
     seq, attention, pos, prompt_length = r.sequences, r.attention_mask, r.position_ids, r.prompt_length
-    logprobs = response_logprobs(policy, seq, attention, pos, prompt_length, sampling.temperature)
-    ref_logprobs = reference.logprobs(seq, attention, pos, prompt_length, sampling.temperature)
+    logprobs = response_logprobs(policy, seq, attention, pos, prompt_length, sampling.temperature,
+                                 chunk_tokens=chunk_tokens)
+    ref_logprobs = reference.logprobs(seq, attention, pos, prompt_length, sampling.temperature, chunk_tokens)
     values = response_values(value_model, seq, attention, pos, prompt_length)
     scores = reward.with_eos_penalty(reward(seq, attention, pos, r.texts).float(), r.has_eos)
     return Rollout(**vars(r), logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, scores=scores,

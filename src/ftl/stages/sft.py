@@ -29,7 +29,8 @@ def run_sft(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     evaluate = lm_evaluation(session, tokenizer, validation, splits.validation)
 
     model, result = session.fit(model, tokenizer, rows, partial(collate, pad_id=tokenizer.pad_token_id),
-                                causal_lm_loss, evaluate, evaluate_before=partial(evaluate, with_samples=True))
+                                partial(causal_lm_loss, chunk_tokens=recipe.train.loss_chunk_tokens), evaluate,
+                                evaluate_before=partial(evaluate, with_samples=True))
     summary = session.finish(model, tokenizer, result,
                              lambda: {**evaluate(model, with_samples=True), **test_loss(session, model, tokenizer, test)})
     if recipe.method.qat.enabled and not result.interrupted:  # convert, save quantized/, compare with PTQ
@@ -44,7 +45,8 @@ def lm_evaluation(session: RunSession, tokenizer, validation: list[dict], prompt
     prompts = sample_prompts(tokenizer, recipe.eval.generate, recipe.data.system_prompt, prompt_records)
 
     def evaluate(model, with_samples: bool = False) -> dict:
-        metrics = lm_loss(model, validation, tokenizer.pad_token_id, recipe.eval.batch_size, acc) \
+        metrics = lm_loss(model, validation, tokenizer.pad_token_id, recipe.eval.batch_size, acc,
+                          recipe.train.loss_chunk_tokens) \
             if validation else {}
         if with_samples and prompts:
             metrics["samples"] = generate_samples(acc.unwrap_model(model), tokenizer, prompts,
@@ -58,4 +60,5 @@ def test_loss(session: RunSession, model, tokenizer, test: list[dict]) -> dict:
     if not test:
         return {}
     recipe = session.recipe
-    return {"test": lm_loss(model, test, tokenizer.pad_token_id, recipe.eval.batch_size, session.accelerator)}
+    return {"test": lm_loss(model, test, tokenizer.pad_token_id, recipe.eval.batch_size, session.accelerator,
+                            recipe.train.loss_chunk_tokens)}

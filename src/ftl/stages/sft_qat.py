@@ -56,7 +56,7 @@ def compare_qat(recipe, run_dir: Path, accelerator=None, resume: bool = False, b
     pad = tokenizer.pad_token_id
 
     def loss(model) -> dict:
-        return lm_loss(model, validation, pad, recipe.eval.batch_size, acc)
+        return lm_loss(model, validation, pad, recipe.eval.batch_size, acc, recipe.train.loss_chunk_tokens)
 
     probe = {k: v.to(acc.device) for k, v in collate(validation[: recipe.eval.batch_size], pad).items()}
     final = run_dir / layout.FINAL_DIR

@@ -224,7 +224,8 @@ def run_upft(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     evaluate = upft_evaluation(session, tokenizer, held_out, splits)
 
     model, result = session.fit(model, tokenizer, rows, partial(collate, pad_id=tokenizer.pad_token_id),
-                                causal_lm_loss, evaluate, evaluate_before=partial(evaluate, with_samples=True))
+                                partial(causal_lm_loss, chunk_tokens=recipe.train.loss_chunk_tokens), evaluate,
+                                evaluate_before=partial(evaluate, with_samples=True))
     return session.finish(model, tokenizer, result, lambda: evaluate(model, with_samples=True))
 
 
@@ -250,14 +251,15 @@ def upft_evaluation(session: RunSession, tokenizer, held_out: list[dict], splits
     references = encode_records(tokenizer, session.validation_records(splits), recipe.data) \
         if session.record_kinds("validation") <= {"chat", "prompt_completion"} else []
     prompts = sample_prompts(tokenizer, recipe.eval.generate, recipe.data.system_prompt, splits.validation)
+    chunk = recipe.train.loss_chunk_tokens
 
     def evaluate(model, with_samples: bool = False) -> dict:
         metrics = {}
         if held_out:
-            own = lm_loss(model, held_out, tokenizer.pad_token_id, recipe.eval.batch_size, acc)
+            own = lm_loss(model, held_out, tokenizer.pad_token_id, recipe.eval.batch_size, acc, chunk)
             metrics.update(self_prefix_loss=own["loss"], self_prefix_tokens=own["tokens"])
         if references:
-            metrics.update(lm_loss(model, references, tokenizer.pad_token_id, recipe.eval.batch_size, acc))
+            metrics.update(lm_loss(model, references, tokenizer.pad_token_id, recipe.eval.batch_size, acc, chunk))
         if with_samples and prompts:
             metrics["samples"] = generate_samples(acc.unwrap_model(model), tokenizer, prompts,
                                                   recipe.eval.generate.max_new_tokens)

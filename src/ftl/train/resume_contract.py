@@ -22,9 +22,12 @@ from ftl.errors import RecipeError
 from ftl.run_dir import CONTRACT_FILE
 
 # Safe to change on resume: how a run is evaluated, tracked, saved, named and launched (not how many
-# ranks: the data order depends on the world size), and a longer train.max_steps (checked separately).
+# ranks: the data order depends on the world size), a longer train.max_steps (checked separately), and the
+# loss's chunk size (the same loss and gradients, less memory: lower it and resume after running out; runs
+# started before the key existed resume too).
 ALLOWED = ("name", "description", "profile", "profiles.*", "eval.*", "track.*", "compare.*",
            "train.save_every", "train.keep_checkpoints", "train.log_every", "train.max_steps",
+           "train.loss_chunk_tokens",
            "train.stall_timeout_s", "train.early_stopping.patience", "launch.launcher", "launch.config_file",
            "launch.env.*", "launch.main_process_port", "launch.device_memory_gb", "launch.cpus_per_task",
            "launch.mem")

@@ -46,7 +46,7 @@ class PolicyAndValue(torch.nn.Module):
 
 
 def ppo_step(accelerator, policy, value_model, optimizer, rollout: Rollout, advantages, returns, cfg, grad_clip,
-             seed: int):
+             seed: int, chunk_tokens: int):
     """Several epochs of clipped updates over shuffled mini-batches of one rollout; returns mean statistics."""
     stats = {"policy_loss": [], "value_loss": [], "clip_fraction": [], "value_clip_fraction": [], "entropy": []}
     n = rollout.sequences.shape[0]
@@ -59,7 +59,7 @@ def ppo_step(accelerator, policy, value_model, optimizer, rollout: Rollout, adva
             seq, mask, pos = rollout.sequences[idx], rollout.attention_mask[idx], rollout.position_ids[idx]
             resp_mask = rollout.response_mask[idx]
             logprobs, entropy = response_logprobs(policy, seq, mask, pos, rollout.prompt_length, rollout.temperature,
-                                                  with_entropy=True)
+                                                  with_entropy=True, chunk_tokens=chunk_tokens)
             values = response_values(value_model, seq, mask, pos, rollout.prompt_length)
             pg_loss, clip_fraction = maths.policy_loss(logprobs, rollout.logprobs[idx], advantages[idx], resp_mask,
                                                        cfg.clip_range)
@@ -127,7 +127,8 @@ def run_ppo(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     result = FitResult(steps=step, interrupted=step < total)
     return session.finish(models.trained, tokenizer, result,
                           lambda: compare_policies(acc.device, models.unwrapped_policy, models.reference,
-                                                   models.reward, tokenizer, held_out, recipe.sampling),
+                                                   models.reward, tokenizer, held_out, recipe.sampling,
+                                                   chunk_tokens=recipe.train.loss_chunk_tokens),
                           part="policy" if models.sharded else None)
 
 
@@ -175,11 +176,12 @@ def ppo_iteration(session: RunSession, models: PPOModels, tokenizer, prompts: li
     metrics record of optimizer step `step + 1`, averaged over ranks."""
     recipe, acc = session.recipe, session.accelerator
     rollout = collect(models.unwrapped_policy, models.reference, models.value, models.reward, tokenizer, prompts,
-                      recipe.sampling, acc.device)
+                      recipe.sampling, acc.device, recipe.train.loss_chunk_tokens)
     advantages, returns, kl = advantages_for(rollout, recipe.ppo)
     started = time.perf_counter()
     stats = ppo_step(acc, models.policy, models.value, models.optimizer, rollout, advantages, returns, recipe.ppo,
-                     recipe.train.grad_clip, seed=recipe.train.seed * 100003 + step)
+                     recipe.train.grad_clip, seed=recipe.train.seed * 100003 + step,
+                     chunk_tokens=recipe.train.loss_chunk_tokens)
     train_seconds = time.perf_counter() - started
     stats.update(reward=rollout.scores.mean(), kl=kl.mean(), response_length=rollout.response_mask.sum(-1).mean(),
                  eos_fraction=rollout.has_eos.float().mean())
