@@ -117,6 +117,9 @@ RECIPE_TEXT = {
     "old and new reward spelling": ("name: t\nstage: ppo\nppo: {reward: {kind: function, function: 'm:f'}}\n"
                                     "reward: {kind: function, function: 'm:f'}\ndata: {source: {kind: chatterbot}, "
                                     "format: chat}\n", r"both 'ppo\.reward' \(the old spelling\) and 'reward'"),
+    "rloo with one sample per prompt": ("name: t\nstage: ppo\nppo: {advantage: rloo}\nreward: {kind: function, "
+                                        "function: 'm:f'}\ndata: {source: {kind: chatterbot}, format: prompts}\n",
+                                        r"ppo\.samples_per_prompt: advantage 'rloo' .*needs at least 2 \(got 1\)"),
     "profiles not a mapping": ("name: t\nprofiles: [tiny]\ndata: {source: {kind: chatterbot}, format: chat}\n",
                                r"'profiles' must map names to overrides"),
     "training data given twice": ("name: t\ndata: {source: {kind: chatterbot}, sources: [{kind: chatterbot}], "

@@ -93,3 +93,12 @@ def test_stage_table_refuses_a_recipe_with_the_wrong_data_format(tmp_path):
     recipe.write_text("name: r\nstage: reward\ndata: {source: {kind: jsonl, path: x.jsonl}, format: chat}\n")
     with pytest.raises(RecipeError, match=r"stage 'reward' trains on data.format 'preference'.*not 'chat'"):
         load_recipe(recipe)
+
+
+def test_every_advantage_estimator_has_a_row():
+    from ftl.config.schema import ADVANTAGE_ESTIMATORS, PPOConfig
+    from ftl.rl.advantages import ESTIMATORS
+
+    assert literal_values(PPOConfig, "advantage") == set(ESTIMATORS) == set(ADVANTAGE_ESTIMATORS)
+    assert PPOConfig().advantage == "gae" and ESTIMATORS["gae"].value_model  # the default: PPO with its critic
+    assert not ESTIMATORS["rloo"].value_model and not ESTIMATORS["reinforce_pp"].value_model

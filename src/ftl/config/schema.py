@@ -472,7 +472,19 @@ class SamplingConfig(Section):
     top_k: int = Field(0, ge=0, description="0: sample from the whole distribution, as the PPO ratio assumes")
 
 
+# every name here has a row in ftl.rl.advantages.ESTIMATORS (a test ties the two)
+ADVANTAGE_ESTIMATORS = ("gae", "rloo", "reinforce_pp")
+
+
 class PPOConfig(Section):
+    """PPO's rollout + clipped policy update, with the advantage estimator chosen by `advantage`: gae (a value
+    model, PPO proper), or the critic-free rloo (Ahmadian et al. 2024) and reinforce_pp (REINFORCE++, Hu 2025),
+    which build no value model (value_from, lam, clip_range_value, vf_coef and whiten_advantages are then unused)."""
+
+    advantage: Literal[ADVANTAGE_ESTIMATORS] = Field(
+        "gae", description="advantage estimator: gae (value model), rloo (leave-one-out baseline over "
+                           "samples_per_prompt samples), reinforce_pp (returns normalised over the global batch)")
+    samples_per_prompt: int = Field(1, gt=0, description="responses sampled per prompt (rloo needs at least 2)")
     value_from: Literal["reward", "policy"] = Field("reward", description="initialise the value model from")
     rollout_batch: int = Field(8, gt=0, description="prompts per rank per iteration")
     mini_batch: int = Field(4, gt=0)
@@ -484,6 +496,13 @@ class PPOConfig(Section):
     clip_range_value: float = Field(0.2, gt=0)
     vf_coef: float = Field(0.1, ge=0)
     whiten_advantages: bool = True
+
+    @model_validator(mode="after")
+    def _rloo_needs_a_group(self):
+        if self.advantage == "rloo" and self.samples_per_prompt < 2:
+            raise ValueError(f"ppo.samples_per_prompt: advantage 'rloo' compares each response with the other "
+                             f"samples of its prompt: needs at least 2 (got {self.samples_per_prompt})")
+        return self
 
 
 class DPOOptions(Section):

@@ -33,7 +33,7 @@ class Rollout(Responses):
 
     logprobs: torch.Tensor       # [B, R] under the policy that sampled
     ref_logprobs: torch.Tensor
-    values: torch.Tensor
+    values: torch.Tensor         # zeros without a value model
     scores: torch.Tensor         # [B] reward per sequence (after the missing-EOS penalty)
     generation_seconds: float
     temperature: float           # sampled at; log-probabilities of later updates use the same
@@ -108,7 +108,7 @@ def sample_responses(model, tokenizer, prompts: list[str], sampling: SamplingCon
 def collect(policy, reference, value_model, reward, tokenizer, prompts: list[str], sampling: SamplingConfig,
             device, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Rollout:
     """Sample one response per prompt and score it (reference: ftl.rl.reference.Reference, reward:
-    ftl.rl.reward.RewardFunction)."""
+    ftl.rl.reward.RewardFunction; value_model None: values are zeros)."""
     started = time.perf_counter()
     r = sample_responses(policy, tokenizer, prompts, sampling, device)
     generation_seconds = time.perf_counter() - started
@@ -116,7 +116,8 @@ def collect(policy, reference, value_model, reward, tokenizer, prompts: list[str
     logprobs = response_logprobs(policy, seq, attention, pos, prompt_length, sampling.temperature,
                                  chunk_tokens=chunk_tokens)
     ref_logprobs = reference.logprobs(seq, attention, pos, prompt_length, sampling.temperature, chunk_tokens)
-    values = response_values(value_model, seq, attention, pos, prompt_length)
+    values = (torch.zeros_like(logprobs) if value_model is None  # a critic-free estimator: no value model
+              else response_values(value_model, seq, attention, pos, prompt_length))
     scores = reward.with_eos_penalty(reward(seq, attention, pos, r.texts).float(), r.has_eos)
     return Rollout(**vars(r), logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, scores=scores,
                    generation_seconds=generation_seconds, temperature=sampling.temperature)

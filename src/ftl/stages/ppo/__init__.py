@@ -1,8 +1,10 @@
 """PPO (RLHF step 3) on accelerate — TRL removed its PPOTrainer in 1.13, so ftl owns this loop.
 
-Per iteration: sample responses to a batch of prompts; score them (reward model or function) with a
-per-token KL penalty to the frozen reference; GAE advantages (whitened); then several PPO epochs of
-mini-batches with clipped policy and value losses. Policy and value model train together.
+Per iteration: sample responses (ppo.samples_per_prompt per prompt) to a batch of prompts; score them
+(reward model or function) with a KL penalty to the frozen reference; advantages by `ppo.advantage`
+(ftl.rl.advantages: gae with a value model, whitened — PPO proper; or the critic-free rloo and reinforce_pp);
+then several PPO epochs of mini-batches with the clipped policy loss (and, for gae, the clipped value loss:
+policy and value model train together; critic-free estimators build no value model).
 A LoRA policy's reference is the same model with its adapter disabled (no second copy in memory).
 """
 
@@ -18,6 +20,7 @@ from ftl.data.tokenize import generation_prompt
 from ftl.errors import RecipeError
 from ftl.models.load import load_model
 from ftl.rl import maths
+from ftl.rl.advantages import ESTIMATORS, advantages as estimate_advantages
 from ftl.rl.compare import compare_policies
 from ftl.rl.reference import Reference
 from ftl.rl.reward import load_reward
@@ -34,7 +37,8 @@ from ftl.train.watchdog import Watchdog
 
 class PolicyAndValue(torch.nn.Module):
     """One module for DeepSpeed: accelerate gives one engine per model, and ZeRO-3 gathers parameters
-    through hooks on every submodule, so the policy and value model are called directly."""
+    through hooks on every submodule, so the policy and value model are called directly. value None: a
+    critic-free estimator's policy alone."""
 
     def __init__(self, policy, value):
         super().__init__()
@@ -47,11 +51,15 @@ class PolicyAndValue(torch.nn.Module):
 
 def ppo_step(accelerator, policy, value_model, optimizer, rollout: Rollout, advantages, returns, cfg, grad_clip,
              seed: int, chunk_tokens: int):
-    """Several epochs of clipped updates over shuffled mini-batches of one rollout; returns mean statistics."""
+    """Several epochs of clipped updates over shuffled mini-batches of one rollout; returns mean statistics.
+    value_model None (a critic-free estimator): the policy loss alone, no value statistics."""
     stats = {"policy_loss": [], "value_loss": [], "clip_fraction": [], "value_clip_fraction": [], "entropy": []}
+    if value_model is None:
+        del stats["value_loss"], stats["value_clip_fraction"]
     n = rollout.sequences.shape[0]
     policy.train()
-    value_model.train()
+    if value_model is not None:
+        value_model.train()
     for epoch in range(cfg.ppo_epochs):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
         for start in range(0, n, cfg.mini_batch):
@@ -60,30 +68,33 @@ def ppo_step(accelerator, policy, value_model, optimizer, rollout: Rollout, adva
             resp_mask = rollout.response_mask[idx]
             logprobs, entropy = response_logprobs(policy, seq, mask, pos, rollout.prompt_length, rollout.temperature,
                                                   with_entropy=True, chunk_tokens=chunk_tokens)
-            values = response_values(value_model, seq, mask, pos, rollout.prompt_length)
             pg_loss, clip_fraction = maths.policy_loss(logprobs, rollout.logprobs[idx], advantages[idx], resp_mask,
                                                        cfg.clip_range)
-            vf_loss, vf_clip = maths.value_loss(values, rollout.values[idx], returns[idx], resp_mask,
-                                                cfg.clip_range_value)
-            loss = pg_loss + cfg.vf_coef * vf_loss
+            loss = pg_loss
+            if value_model is not None:
+                values = response_values(value_model, seq, mask, pos, rollout.prompt_length)
+                vf_loss, vf_clip = maths.value_loss(values, rollout.values[idx], returns[idx], resp_mask,
+                                                    cfg.clip_range_value)
+                loss = pg_loss + cfg.vf_coef * vf_loss
             accelerator.backward(loss)
             if grad_clip:
                 accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
             optimizer.step()
             optimizer.zero_grad()
-            for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_fraction", clip_fraction),
-                               ("value_clip_fraction", vf_clip),
-                               ("entropy", maths.masked_mean(entropy.detach(), resp_mask))):
-                stats[key].append(value.detach().float())
+            step_stats = {"policy_loss": pg_loss, "clip_fraction": clip_fraction,
+                          "entropy": maths.masked_mean(entropy.detach(), resp_mask)}
+            if value_model is not None:
+                step_stats.update(value_loss=vf_loss, value_clip_fraction=vf_clip)
+            for key in stats:
+                stats[key].append(step_stats[key].detach().float())
     return {k: torch.stack(v).mean() for k, v in stats.items()}
 
 
 def advantages_for(rollout: Rollout, cfg):
+    """(advantages, returns or None, per-sequence KL) by cfg.advantage; reinforce_pp's is a collective."""
     kl = maths.kl_estimate(rollout.logprobs, rollout.ref_logprobs, "k1") * rollout.response_mask
-    rewards = maths.token_rewards(rollout.scores, kl, rollout.response_mask, cfg.kl_coef)
-    advantages, returns = maths.gae(rewards, rollout.values, rollout.response_mask, cfg.gamma, cfg.lam)
-    if cfg.whiten_advantages:
-        advantages = maths.whiten(advantages, rollout.response_mask)
+    advantages, returns = estimate_advantages(cfg.advantage, rollout.scores, kl, rollout.response_mask,
+                                              rollout.values, cfg)
     return advantages, returns, kl.sum(-1)
 
 
@@ -141,29 +152,32 @@ class PPOModels:
         recipe, acc = session.recipe, session.accelerator
         self = cls()
         reference_kind = Reference.kind_for(recipe.method.kind)
-        session.record("ppo", {"reference": reference_kind, "reward": recipe.reward.kind})
+        with_value = ESTIMATORS[recipe.ppo.advantage].value_model
+        session.record("ppo", {"reference": reference_kind, "reward": recipe.reward.kind,
+                               "advantage": recipe.ppo.advantage, "samples_per_prompt": recipe.ppo.samples_per_prompt,
+                               "value_model": with_value})
         self.sharded = is_sharded(acc)
         if self.sharded and reference_kind != "disabled_adapter":
             raise RecipeError("PPO under ZeRO-3 needs a LoRA-family policy (method.kind lora/dora/qlora): its "
                               "reference is the adapter-disabled model; a partitioned model cannot be copied")
         policy = session.prepare_model(tokenizer)
         self.reward = load_reward(recipe)  # on the CPU until the engines are prepared
-        from_reward = recipe.ppo.value_from == "reward" and recipe.reward.kind == "model"
-        value_dir = Path(recipe.reward.path) if from_reward else session.base_dir(tokenizer)
-        value = load_model(recipe.model.model_copy(update={"gradient_checkpointing": False}), value_dir,
-                           head="sequence_classification")
-        value.config.pad_token_id = tokenizer.pad_token_id
+        value = load_value_model(session, tokenizer) if with_value else None
         t = recipe.train
-        params = [p for p in list(policy.parameters()) + list(value.parameters()) if p.requires_grad]
+        modules = [policy] + ([value] if value is not None else [])
+        params = [p for m in modules for p in m.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
         if self.sharded:
             engine, self.optimizer = acc.prepare(PolicyAndValue(policy, value), optimizer)
             self.policy, self.value, self.trained = engine.module.policy, engine.module.value, engine
-        else:
+        elif value is not None:
             self.policy, self.value, self.optimizer = acc.prepare(policy, value, optimizer)
             self.trained = self.policy
+        else:
+            self.policy, self.optimizer = acc.prepare(policy, optimizer)
+            self.value, self.trained = None, self.policy
         # the policy's frozen base stays out of checkpoints (policy adapter and value model are saved)
-        leave_frozen_base_out(acc, [policy, value])
+        leave_frozen_base_out(acc, modules)
         if self.reward.model is not None:
             self.reward.model.to(acc.device)
         self.reference = Reference(acc, self.policy, recipe.method.kind)
@@ -171,10 +185,23 @@ class PPOModels:
         return self
 
 
+def load_value_model(session: RunSession, tokenizer):
+    """gae's value model: from the reward model (ppo.value_from reward, a model reward) or the policy's base."""
+    recipe = session.recipe
+    from_reward = recipe.ppo.value_from == "reward" and recipe.reward.kind == "model"
+    value_dir = Path(recipe.reward.path) if from_reward else session.base_dir(tokenizer)
+    value = load_model(recipe.model.model_copy(update={"gradient_checkpointing": False}), value_dir,
+                       head="sequence_classification")
+    value.config.pad_token_id = tokenizer.pad_token_id
+    return value
+
+
 def ppo_iteration(session: RunSession, models: PPOModels, tokenizer, prompts: list[str], step: int) -> dict:
     """One PPO iteration: sample and score a rollout, then several epochs of clipped updates; returns the
     metrics record of optimizer step `step + 1`, averaged over ranks."""
     recipe, acc = session.recipe, session.accelerator
+    k = recipe.ppo.samples_per_prompt
+    prompts = [p for p in prompts for _ in range(k)]  # a prompt's k samples on contiguous rows
     rollout = collect(models.unwrapped_policy, models.reference, models.value, models.reward, tokenizer, prompts,
                       recipe.sampling, acc.device, recipe.train.loss_chunk_tokens)
     advantages, returns, kl = advantages_for(rollout, recipe.ppo)
