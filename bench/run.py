@@ -15,7 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 README = HERE.parent / "README.md"
-BENCHES = ["sft_throughput", "zero3_memory", "peft_memory", "ppo_speed", "checkpoint_bytes", "loss_memory"]
+BENCHES = ["sft_throughput", "zero3_memory", "peft_memory", "ppo_speed", "ppo_vs_trl", "checkpoint_bytes", "loss_memory"]
 
 
 def table(results: dict[str, dict]) -> str:
@@ -70,6 +70,29 @@ def table(results: dict[str, dict]) -> str:
                      f"parameter bytes | {m['total_shared_reference'] / 2**20:.0f} MiB (reference = disabled adapter) | "
                      f"{m['total_copied_reference'] / 2**20:.0f} MiB (reference copy) | "
                      f"{100 * r['memory_saved_by_sharing']:.0f}% less | (reported) |")
+    if "ppo_vs_trl" in results:
+        r = results["ppo_vs_trl"]
+        for run, v in r["runs"].items():
+            ftl, trl = v["ftl"], v["trl"]
+            model, method = run.split("-", 1)
+            model = f"{r['model_params'] / 1e6:.2f}M Llama" if model == "tiny" else "SmolLM2-135M"
+            lines.append(f"| PPO vs TRL {r['trl_version']} PPOTrainer ({model}, {method} policy, "
+                         f"{ftl['episodes_per_step']:.0f} episodes/step, {r['settings']['ppo_epochs']} PPO epochs x "
+                         f"{r['settings']['rollout_batch'] // r['settings']['mini_batch']} mini-batches, "
+                         f"~{ftl['mean_response_tokens']:.0f} / {trl['mean_response_tokens']:.0f} response tokens, "
+                         f"{v['steps']} steps) | episodes/s, training loop (steps after the first) | "
+                         f"{ftl['episodes_per_second_loop']:.1f} | {trl['episodes_per_second_loop']:.1f} as it runs; "
+                         f"{trl['episodes_per_second_loop_without_gc']:.1f} without its gc.collect() "
+                         f"({trl['gc_seconds_per_step']:.2f} s/step) | {v['ratio_loop_vs_trl_without_gc']:.2f}x "
+                         f"({v['ratio_loop']:.1f}x as it runs) | >= 1.5x |")
+            lines.append(f"| PPO vs TRL, the same runs: whole command; generation share of the loop; peak RSS | "
+                         f"episodes/s (wall clock incl. start-up); %; GiB | "
+                         f"{ftl['episodes_per_second_command']:.2f}; {100 * ftl['generation_share']:.0f}%; "
+                         f"{ftl['max_rss_bytes'] / 2**30:.2f} GiB | "
+                         f"{trl['episodes_per_second_command']:.2f}; {100 * trl['generation_share']:.0f}% "
+                         f"({100 * trl['generation_share_without_gc']:.0f}% without gc); "
+                         f"{trl['max_rss_bytes'] / 2**30:.2f} GiB | {v['ratio_command']:.2f}x (command) | "
+                         f"(reported) |")
     if "checkpoint_bytes" in results:
         r = results["checkpoint_bytes"]
         sizes = ", ".join(f"{k} {v['bytes'] / 1e6:.3g} MB" for k, v in r["methods"].items() if k != "full")
