@@ -84,6 +84,15 @@ def ftl_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "ftl", *args]
 
 
+def torchrun_two_ranks(script: str, out: Path, timeout: int) -> dict:
+    """Run tests/`script` on 2 gloo ranks under torchrun; the JSON report it wrote to `out`."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(ROOT / "tests" / script), str(out)],
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
 def run_ftl(*args: str, cwd: Path, timeout: int = 600, **env) -> subprocess.CompletedProcess:
     assert timeout <= MAX_SUBPROCESS_TIMEOUT, f"timeout {timeout} s: at most half of pytest's {PYTEST_TIMEOUT} s"
     return subprocess.run(ftl_command(*args), cwd=cwd, env=subprocess_env(**env), capture_output=True,

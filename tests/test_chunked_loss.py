@@ -4,13 +4,11 @@ unpacked rows, on 1 rank, on 2 DDP ranks and on 2 DeepSpeed ZeRO-3 ranks; the he
 chunk; models whose forward changes the logits are refused."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, free_port, run_ftl, subprocess_env, tiny_recipe_dict, train_losses, write_recipe
+from conftest import run_ftl, tiny_recipe_dict, torchrun_two_ranks, train_losses, write_recipe
 from ftl.config.schema import MethodConfig, ModelConfig, QuantOptions, TrainConfig
 from ftl.evaluate.lm import causal_lm_loss, lm_loss
 from ftl.methods import METHODS, apply_method
@@ -201,11 +199,7 @@ def test_two_ranks_ddp_and_zero3_equal_the_plain_computation(tmp_path):
     counting no token, LoRA on lm_head, PPO log-probs) and ZeRO-3 (full tied/untied, LoRA, PPO log-probs,
     a no-grad evaluation), each rank with a different number of chunks."""
     out = tmp_path / "ranks.json"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), str(ROOT / "tests" / "chunked_loss_ranks.py"), str(out)],
-                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    report = json.loads(out.read_text())
+    report = torchrun_two_ranks("chunked_loss_ranks.py", out, timeout=600)
     assert report.pop("world_size") == 2
     assert len(report) == 9 and sum(name.startswith("zero3") for name in report) == 5
     for name, diffs in report.items():

@@ -4,13 +4,11 @@ runs on the tiny model raising a known reward (the count of letter 'e') without 
 
 import json
 import statistics
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, free_port, read_jsonl, run_ftl, subprocess_env
+from conftest import read_jsonl, run_ftl, torchrun_two_ranks
 from ftl.config.schema import PPOConfig
 from ftl.rl.advantages import advantages
 
@@ -80,11 +78,7 @@ def test_gae_with_lam_1_and_no_value_is_the_same_returns_to_go():
 
 def test_reinforce_pp_normalises_over_the_tokens_of_both_ranks(tmp_path):
     out = tmp_path / "ranks.json"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), str(ROOT / "tests" / "critic_free_ranks.py"), str(out)],
-                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    report = json.loads(out.read_text())
+    report = torchrun_two_ranks("critic_free_ranks.py", out, timeout=300)
     assert report["world_size"] == 2
     # returns-to-go (kl_coef 0.5): rank 0: rows [1, 1, 1] and [3, 3, -]; rank 1: [2, 2, 2] and [-1-1 = -2, -, -]
     tokens = [1.0, 1.0, 1.0, 3.0, 3.0, 2.0, 2.0, 2.0, -2.0]
