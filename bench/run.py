@@ -15,7 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 README = HERE.parent / "README.md"
-BENCHES = ["sft_throughput", "zero3_memory", "peft_memory", "ppo_speed", "checkpoint_bytes"]
+BENCHES = ["sft_throughput", "zero3_memory", "peft_memory", "ppo_speed", "checkpoint_bytes", "plan_accuracy"]
 
 
 def table(results: dict[str, dict]) -> str:
@@ -76,6 +76,13 @@ def table(results: dict[str, dict]) -> str:
         lines.append(f"| Bytes per checkpoint ({r['model']}, AdamW; adapter methods leave the frozen base out) | "
                      f"checkpoint folder | {sizes} | full {r['methods']['full']['bytes'] / 1e6:.0f} MB | "
                      f"LoRA {100 * r['lora_share_of_full']:.2f}% of full | (reported) |")
+    if "plan_accuracy" in results:
+        r = results["plan_accuracy"]
+        worst = max(r["runs"], key=lambda run: abs(run["error"]))
+        lines.append(f"| `ftl plan` vs measured peak memory ({len(r['runs'])} CPU runs: sft_chat full/LoRA/QLoRA, "
+                     f"classify*, PPO; tiny and small profiles; resident-set high-water) | max relative error | "
+                     f"{100 * r['max_abs_error']:.1f}% (`ftl plan --data`; worst: {worst['name']}) | "
+                     f"{100 * r['max_abs_bound_error']:.0f}% (`ftl plan`, rows at data.max_length) | | <= 15% |")
     return "\n".join(lines)
 
 
