@@ -168,3 +168,18 @@ def test_compare_shows_each_runs_measured_and_planned_peak(tmp_path):
     table = render([row], "r", "tiny", "loss", CompareConfig(), None)
     assert "| peak memory (MB) | planned (MB) |" in table and "| 2500 | 2400 |" in table
     assert "host RSS high-water" in table
+
+
+def test_plan_data_reads_the_longest_rows_of_the_recipes_own_data():
+    """`ftl plan --data`: packed sft rows fill data.max_length, classification texts and RL prompts are shorter
+    than it (so the plan, and its peak, come down from the max_length bound)."""
+    from ftl.plan import data_lengths
+
+    sft = load_recipe(RECIPES / "sft_chat.yaml", "tiny")
+    lengths = data_lengths(sft)
+    assert lengths.train == sft.data.max_length and 0 < lengths.eval <= sft.data.max_length
+    ppo = load_recipe(RECIPES / "rlhf" / "ppo.yaml", "tiny", ["model.source=tiny", "model.path=null"])
+    prompt = data_lengths(ppo).prompt
+    assert 10 < prompt < ppo.data.max_length
+    bound, planned = make_plan(ppo), make_plan(ppo, lengths=data_lengths(ppo))
+    assert planned.chosen.peak < bound.chosen.peak and f"longest prompt {prompt} tokens" in render_plan(planned)
