@@ -420,8 +420,8 @@ def _add_rl(e: Estimate, shape: ModelShape, s: Setup, w: Workload, lora: bool) -
     sequences = rl.rollout_batch * rl.samples_per_prompt
     # rollout (no grad): generation's KV cache, then scoring: the policy's (and reference's) logits over every
     # sequence, their fp32 log-softmax over the responses
-    e.rollout = float(max(kv_cache_bytes(shape, s, sequences, seq),
-                          forward_bytes(shape, s, sequences * seq) + c * sequences * seq * V + 8 * sequences * resp * V))
+    scoring = forward_bytes(shape, s, sequences * seq) + c * sequences * seq * V + 8 * sequences * resp * V
+    e.rollout = float(max(kv_cache_bytes(shape, s, sequences, seq), scoring))
     # the update: the policy's (and value model's) activations over mini_batch sequences; the policy's logits
     # and their fp32 copies over the responses (scaled by temperature, log-softmax, entropy)
     tokens = rl.mini_batch * seq

@@ -171,8 +171,9 @@ class RunSession:
         except Exception as err:  # noqa: BLE001
             return {"error": f"{type(err).__name__}: {err}"}
         return {"peak_bytes": round(est.peak), "lengths": asdict(self.lengths),
-                "rows": {"batch_size": work.batch_size, "seq_len": work.seq_len, "eval_batch_size": work.eval_batch_size,
-                         "eval_seq_len": work.eval_seq_len, "checkpointing": work.checkpointing},
+                "rows": {"batch_size": work.batch_size, "seq_len": work.seq_len,
+                         "eval_batch_size": work.eval_batch_size, "eval_seq_len": work.eval_seq_len,
+                         "checkpointing": work.checkpointing},
                 "terms": {k: round(v) for k, v in est.as_dict().items() if isinstance(v, float)}}
 
     def validation_records(self, splits) -> list[dict]:
