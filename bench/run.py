@@ -15,7 +15,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 README = HERE.parent / "README.md"
-BENCHES = ["sft_throughput", "zero3_memory", "peft_memory", "ppo_speed", "ppo_vs_trl", "checkpoint_bytes", "loss_memory"]
+BENCHES = ["sft_throughput", "zero3_memory", "peft_memory", "ppo_speed", "ppo_vs_trl", "checkpoint_bytes", "loss_memory",
+           "plan_accuracy"]
 
 
 def table(results: dict[str, dict]) -> str:
@@ -113,6 +114,13 @@ def table(results: dict[str, dict]) -> str:
             lines.append(f"| SFT step time, chunked vs plain loss (the runs above{label}) | seconds, 2nd step | "
                          f"{chunked['step_seconds'][1]:.1f} s | {plain['step_seconds'][1]:.1f} s | "
                          f"{chunked['step_seconds'][1] / plain['step_seconds'][1]:.2f}x | (reported) |")
+    if "plan_accuracy" in results:
+        r = results["plan_accuracy"]
+        worst = max(r["runs"], key=lambda run: abs(run["error"]))
+        lines.append(f"| `ftl plan` vs measured peak memory ({len(r['runs'])} CPU runs: sft_chat full/LoRA/QLoRA, "
+                     f"classify*, PPO; tiny and small profiles; resident-set high-water) | max relative error | "
+                     f"{100 * r['max_abs_error']:.1f}% (`ftl plan --data`; worst: {worst['name']}) | "
+                     f"{100 * r['max_abs_bound_error']:.0f}% (`ftl plan`, rows at data.max_length) | | <= 15% |")
     return "\n".join(lines)
 
 

@@ -149,7 +149,7 @@ def test_compare_reports_methods_against_scratch(tmp_path):
     assert rows["full"]["trainable_share"] == rows["scratch"]["trainable_share"] == 1.0
     assert all(r["trainable_share"] < 1.0 for name, r in rows.items() if name not in ("full", "scratch"))
     assert rows["head_only"]["trainable_params"] < rows["lora"]["trainable_params"]
-    assert all(r["peak_rss_mb"] > 100 and r["seconds"] > 0 and r["curve"] for r in rows.values())
+    assert all(r["peak_mb"] > 100 and r["planned_mb"] > 100 and r["seconds"] > 0 and r["curve"] for r in rows.values())
     assert all(0 <= r["test_accuracy"] <= 1 and 0 <= r["test_macro_f1"] <= 1 for r in rows.values())
     assert all(r["curve"][0][0] == 0 and r["curve"][-1][0] == 20 for r in rows.values())  # untrained → final
     assert rows["lora"]["lr"] == 5.0e-4 and rows["full"]["lr"] == 3.0e-3   # the variant's, else the profile's

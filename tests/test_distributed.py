@@ -33,6 +33,9 @@ def test_two_rank_launch_trains_in_sync(tmp_path):
     assert sorted(c["rank"] for c in checks) == [0, 1]
     assert all(c["world_size"] == 2 for c in checks)
     assert checks[0]["param_digest"] == checks[1]["param_digest"]  # gradients were all-reduced
+    memory = manifest["memory"]  # each rank measured its own peak; the run's is the larger
+    assert len(memory["per_rank"]) == 2 and memory["peak_bytes"] == max(r["peak_bytes"] for r in memory["per_rank"])
+    assert all(r["peak_bytes"] > r["marks"]["data"]["now"] > 0 for r in memory["per_rank"])
     losses = train_losses(tmp_path / "run")
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < losses[0] - 0.4, losses
     # each optimizer step consumed 2 ranks x 2 packs: tokens logged are the sum over both ranks

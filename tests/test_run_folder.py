@@ -105,6 +105,25 @@ def test_resume_with_allowed_changes_continues_and_keeps_every_attempt(finished,
     assert [a["resumed_from_step"] for a in manifest["attempts"]] == [None, 16]
 
 
+def test_a_resumed_run_makes_the_gradient_checkpointing_choice_of_the_run_it_continues(finished, tmp_path, capsys):
+    """auto is resolved once, by the fresh run, and kept in its contract: a resume takes that choice (even if
+    the plan would now decide otherwise); an explicit setting that differs is a change the contract refuses."""
+    recipe, run = copy_of(finished, tmp_path)
+    contract_file = run / "resume_contract.json"
+    contract = json.loads(contract_file.read_text())
+    assert contract["recipe"]["model.gradient_checkpointing"] is False  # auto, off for the tiny model
+    contract["recipe"]["model.gradient_checkpointing"] = True  # as if the plan had said on when it started
+    contract_file.write_text(json.dumps(contract))
+    code, out, err = ftl(capsys, "run", str(recipe), "--resume", "train.max_steps=18")
+    assert code == 0, err
+    assert "ftl: gradient checkpointing on: auto: as the run being resumed chose" in out
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["gradient_checkpointing"]["on"] is True and manifest["steps"] == 18
+    code, _, err = ftl(capsys, "run", str(recipe), "--resume", "train.max_steps=20",
+                       "model.gradient_checkpointing=false")
+    assert code == 2 and "model.gradient_checkpointing: True → False" in err
+
+
 def test_resume_past_the_recipes_end_is_refused(finished, tmp_path, capsys):
     recipe, run = copy_of(finished, tmp_path)
     code, _, err = ftl(capsys, "run", str(recipe), "--resume", "train.max_steps=10")

@@ -46,6 +46,16 @@ def test_run_directory_is_self_describing(finished_run):
     assert manifest["command"][1:3] == ["run", manifest["command"][2]]
     assert "commit" in manifest["git"]
     assert manifest["trainable"]["trainable_share"] == 1.0
+    memory = manifest["memory"]  # measured in the run's own process: peak > the runtime before the model > 0
+    assert memory["peak_bytes"] > memory["baseline_bytes"] > 0 and memory["measure"].startswith("host RSS")
+    assert [r["peak_bytes"] for r in memory["per_rank"]] == [memory["peak_bytes"]]
+    assert set(memory["per_rank"][0]["marks"]) == {"start", "data", "model", "trained", "end"}
+    assert memory["planned"]["peak_bytes"] > memory["baseline_bytes"] and abs(memory["planned_error"]) < 0.5
+    choice = manifest["gradient_checkpointing"]  # auto, off: the CPU runtime dwarfs a tiny model's activations
+    assert choice["auto"] is True and choice["on"] is False and choice["reason"].startswith("auto: activations")
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["model"]["gradient_checkpointing"] is False
+    assert "ftl: gradient checkpointing off: auto:" in finished_run[1].stdout
+    assert "ftl: peak memory" in finished_run[1].stdout
     eval_md = (run / "eval.md").read_text()
     assert "| loss |" in eval_md and "before" in eval_md and "after" in eval_md
 

@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="print the launch command and a per-device memory estimate")
     _recipe_args(plan)
+    plan.add_argument("--data", action="store_true",
+                      help="read and tokenise the recipe's data for its longest rows (default: every row at "
+                           "data.max_length, an upper bound)")
     plan.set_defaults(handler=cmd_plan)
 
     merge = sub.add_parser("merge", help="merge a run's LoRA/DoRA/QLoRA adapter into its base model")
@@ -283,11 +286,12 @@ def cmd_launch(args) -> int:
 def cmd_plan(args) -> int:
     from ftl.config import load_recipe
     from ftl.launch.command import build_launch_command
-    from ftl.plan import make_plan, render_plan
+    from ftl.plan import DataLengths, data_lengths, make_plan, render_plan
 
     recipe = load_recipe(args.recipe, args.profile, args.overrides)
     command = build_launch_command(recipe, args.recipe, args.overrides)
-    print(render_plan(make_plan(recipe, [command.shell()])))
+    lengths = data_lengths(recipe) if args.data else DataLengths()
+    print(render_plan(make_plan(recipe, [command.shell()], lengths=lengths)))
     return 0
 
 

@@ -1,6 +1,12 @@
 """`ftl compare`: one recipe under several variants (methods, pretrained vs from scratch) on the same data,
 steps and evaluation, and one report: trainable share, peak memory, wall time, steps to reach a target
-validation metric, final validation and test metric — plus one plot of the validation curves."""
+validation metric, final validation and test metric — plus one plot of the validation curves.
+
+Peak memory is the run's own figure from its manifest (ftl.track.memory): measured inside each rank (CPU:
+the resident-set high-water mark; GPU: torch.cuda.max_memory_allocated), the max over ranks, next to what
+`ftl plan` planned for it. That is what a device must hold and what the plan predicts; the launched process
+tree's high-water mark (os.wait4) is kept in compare.json as `tree_peak_rss_mb`: on CPU it agrees with the
+largest rank (the launcher itself is smaller), on GPU it says nothing about device memory."""
 
 from __future__ import annotations
 
@@ -117,8 +123,14 @@ def summarise(name: str, run_dir: Path, metric: str, cfg: CompareConfig, lr: flo
     trainable = manifest.get("trainable", {})
     finals = {column: (after if split == "validation" else after.get("test") or {}).get(m)
               for column, split, m in final_columns(metric, cfg)}
+    memory = manifest.get("memory") or {}
+    planned = (memory.get("planned") or {}).get("peak_bytes")
     return {"variant": name, "lr": lr, "trainable_params": trainable.get("trainable_params"),
-            "trainable_share": trainable.get("trainable_share"), "peak_rss_mb": round(peak_kb / 1024),
+            "trainable_share": trainable.get("trainable_share"),
+            "peak_mb": round((memory.get("peak_bytes") or peak_kb * 1024) / 2**20),
+            "peak_measure": memory.get("measure", "launched process tree RSS (os.wait4)"),
+            "planned_mb": round(planned / 2**20) if planned else None, "tree_peak_rss_mb": round(peak_kb / 1024),
+            "checkpointing": (manifest.get("gradient_checkpointing") or {}).get("on"),
             "seconds": round(seconds, 1), "steps_to_target": steps_to_target(curve, cfg), **finals,
             "curve": curve}
 
@@ -140,16 +152,19 @@ def render(rows: list[dict], name: str, profile: Optional[str], metric: str, cfg
     target = f"{metric} {'≥' if cfg.target_mode == 'max' else '≤'} {cfg.target_value}" \
         if cfg.target_value is not None else "no target set"
     finals = [column for column, _, _ in final_columns(metric, cfg)]
+    measures = sorted({r["peak_measure"] for r in rows})
     lines = [f"# Compare: {name} ({profile or 'base'})", "",
              f"Same data, steps and evaluation for every variant. Steps to target: first evaluation with {target}.",
-             "", "| variant | lr | trainable params | trainable % | peak RSS (MB) | wall (s) | steps to target | "
-                 + " | ".join(f.replace("_", " ") for f in finals) + " |",
-             "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(finals)]
+             f"Peak memory: measured in each run's own processes ({'; '.join(measures)}), max over ranks; "
+             "planned: `ftl plan` for the run's data.",
+             "", "| variant | lr | trainable params | trainable % | peak memory (MB) | planned (MB) | wall (s) | "
+                 "steps to target | " + " | ".join(f.replace("_", " ") for f in finals) + " |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(finals)]
     for r in rows:
         share = f"{100 * r['trainable_share']:.2f}" if r["trainable_share"] is not None else "-"
         reached = r["steps_to_target"] if r["steps_to_target"] is not None else "not reached"
         lines.append(f"| {r['variant']} | {r['lr']:g} | {r['trainable_params'] or 0:,} | {share} | "
-                     f"{r['peak_rss_mb']} | {r['seconds']} | {reached} | "
+                     f"{r['peak_mb']} | {_fmt(r.get('planned_mb'))} | {r['seconds']} | {reached} | "
                      + " | ".join(_fmt(r.get(f)) for f in finals) + " |")
     if plot:
         lines += ["", f"![validation {metric}]({plot.name})"]

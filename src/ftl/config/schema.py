@@ -64,7 +64,10 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="flash_attention_2: CUDA only; with data.packing it needs train.batch_size 1")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: Union[bool, Literal["auto"]] = Field(
+        "auto", description="auto: on where `ftl plan` says activations dominate (the activations it removes are "
+                            "at least 25% of the planned peak), off where it would only cost time; the choice and "
+                            "its reason are printed at run start and kept in the manifest")
     init: Literal["pretrained", "scratch"] = Field(
         "pretrained", description="scratch: the same architecture freshly initialised (fine-tune vs from scratch)")
     architecture: Optional[dict[str, Any]] = Field(

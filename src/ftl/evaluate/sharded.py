@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from ftl.evaluate.device import model_device
+from ftl.track.memory import release_freed_memory
 
 
 def batches_per_rank(n_features: int, world: int, batch_size: int) -> int:
@@ -39,4 +40,5 @@ def sum_over_ranks(model, features: list[dict], batch_size: int, collate: Callab
     if world > 1:
         totals = accelerator.reduce(totals, reduction="sum")
     model.train(was_training)
+    release_freed_memory()  # the pass's freed buffers: not resident under the next phase's (see ftl.track.memory)
     return totals

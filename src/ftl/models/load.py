@@ -13,10 +13,11 @@ from ftl.config.schema import ModelConfig
 from ftl.data.chat_templates import ChatTemplate
 from ftl.errors import RecipeError
 from ftl.hub_cache import Snapshot, download_command, hub_snapshot
-from ftl.models.quantize import bnb_config, guard_cpu_4bit_gradients
+from ftl.models.quantize import bnb_config, guard_cpu_4bit_gradients, own_unquantised_weights
 from ftl.models.smollm2 import smollm2_dir
 from ftl.models.tiny import build_tiny_model, train_tiny_tokenizer
 from ftl.packages import package_dir
+from ftl.track.memory import release_freed_memory
 
 
 # what a hub model's snapshot needs for transformers to load it: not the duplicate checkpoints some repos
@@ -147,8 +148,11 @@ def load_model(cfg: ModelConfig, base_dir: Path, quant_bits: Optional[int] = Non
         model = auto.from_pretrained(base_dir, **kwargs)
     if quant_bits == 4:
         guard_cpu_4bit_gradients(model)
+    if quant_bits:
+        own_unquantised_weights(model)  # releases the checkpoint's memory map (see there)
+    release_freed_memory()  # what loading (and quantising) freed
     model.config.use_cache = False  # training and packed evaluation must not use a KV cache
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing is True:  # "auto" is resolved by the run (ftl.stages.session); loaded alone: off
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 

@@ -20,7 +20,7 @@ from ftl.data.splits import Splits
 from ftl.data.tokenize import EncodeReport
 from ftl.errors import DataError, RecipeError
 from ftl.evaluate.classification import classify_metrics, collate_texts, encode_texts, logits_of
-from ftl.stages.session import RunSession
+from ftl.stages.session import RunSession, longest
 
 
 def label_names(recipe: Recipe, splits: Splits) -> list[str]:
@@ -73,6 +73,7 @@ def run_classify(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     validation = encode_texts(tokenizer, session.validation_records(splits), names, length, "validation")
     test = encode_texts(tokenizer, splits.test[: recipe.eval.max_examples], names, length, "test")
     rows = session.training_rows(train, encoding=encoding)
+    session.note_lengths(eval=longest(validation + test))  # what evaluation's batches are planned at
     session.note_data(labels=names)
     if session.main:
         (run_dir / layout.LABELS_FILE).write_text(json.dumps(names, ensure_ascii=False))

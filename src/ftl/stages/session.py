@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -39,9 +40,12 @@ from ftl.evaluate.report import write_report
 from ftl.methods import METHODS, apply_method, save_trained, trainable_summary
 from ftl.models.attention import check_attention, packs_rows
 from ftl.models.load import base_model_dir, load_model, load_tokenizer, model_origin, record_texts
+from ftl.plan import (CheckpointingChoice, DataLengths, checkpointing_choice, model_shape, plan_with_checkpointing,
+                      recipe_setup)
 from ftl.run_dir import ensure_run_dir
 from ftl.run_lock import RunLock, RunLocked
 from ftl.track.manifest import update_manifest, write_manifest
+from ftl.track.memory import MemoryProbe, release_freed_memory, summarise
 from ftl.track.metrics import MetricsLog
 from ftl.track.plot import plot_curves
 from ftl.track.wandb_run import WandbSink
@@ -49,7 +53,7 @@ from ftl.train.checkpoint import resume_point
 from ftl.train.controls import apply_freeze, check_loop_controls, trainable_names
 from ftl.train.distributed import describe_runtime, is_sharded, make_accelerator, rank_checks
 from ftl.train.loop import FitResult, LossFn, fit
-from ftl.train.resume_contract import check_resume, check_resume_step, make_contract, write_contract
+from ftl.train.resume_contract import check_resume, check_resume_step, make_contract, read_contract, write_contract
 
 Metrics = Callable[[Any], dict]  # evaluate(model) -> validation metrics
 
@@ -61,11 +65,14 @@ class RunSession:
         check_attention(recipe)
         self.accelerator = make_accelerator(recipe.train, recipe.launch)
         self.main = self.accelerator.is_main_process
+        self.memory = MemoryProbe(self.accelerator.device)
+        self.memory.mark("start")  # the runtime: Python, torch, transformers, accelerate imported
         hide_weight_bars()
         set_seed(recipe.train.seed)
         self._take_run_lock()
         self.resume_step = resume_point(self.run_dir, self.accelerator.print) if resume else None
         self.sinks, self.wandb = [], None
+        self.shape, self.lengths = None, DataLengths()
         self.manifest_fields: dict = {"world_size": self.accelerator.num_processes, "stage": recipe.stage,
                                       "profile": recipe.profile, "resumed_from_step": self.resume_step,
                                       "runtime": describe_runtime(self.accelerator),  # what really runs
@@ -101,6 +108,7 @@ class RunSession:
         # read and checked on every rank before the run folder changes; a resume keeps its saved tokenizer
         template = self.recipe.data.chat_template
         self.chat_template = load_chat_template(template) if template and not self.resume else None
+        choice = self.resolve_checkpointing()  # before the contract: it holds the resolved choice
         contract = make_contract(resolved_dict(self.recipe), splits.fingerprints())
         if self.resume:
             check_resume(self.run_dir, contract)
@@ -117,8 +125,60 @@ class RunSession:
         acc = self.accelerator
         acc.print(f"ftl: run folder {self.run_dir} ({self.recipe.name}, profile {self.recipe.profile or 'none'}, "
                   f"{acc.num_processes} process{'es' if acc.num_processes > 1 else ''} on {acc.device.type}{', resuming' if self.resume else ''})")
+        acc.print(choice.line())
         acc.wait_for_everyone()
-        return splits, self.tokenizer(splits.train)
+        tokenizer = self.tokenizer(splits.train)
+        self.memory.mark("data")  # + the data and tokenizer: the baseline before any model loads
+        return splits, tokenizer
+
+    def resolve_checkpointing(self) -> CheckpointingChoice:
+        """model.gradient_checkpointing as this run uses it. `auto` is decided by the plan from the recipe alone
+        (so `ftl plan` shows the same choice), or on --resume taken from the run's contract (the same choice
+        even if the rule changed since). The recipe then holds the resolved bool: the model loader, the
+        methods, TRL's arguments, the resolved recipe and the resume contract all read that one value."""
+        model = self.recipe.model
+        choice = None
+        if model.gradient_checkpointing == "auto" and self.resume:
+            earlier = (read_contract(self.run_dir) or {}).get("recipe", {}).get("model.gradient_checkpointing")
+            if isinstance(earlier, bool):
+                choice = CheckpointingChoice(earlier, True, "auto: as the run being resumed chose (its "
+                                             "resume_contract.json)")
+        if choice is None:
+            try:
+                self.shape = model_shape(self.recipe)
+                choice = checkpointing_choice(self.recipe, self.shape)
+            except Exception as err:  # noqa: BLE001 - an estimate must not stop a run; the manifest says why
+                self.shape = None
+                on = model.gradient_checkpointing is True
+                choice = CheckpointingChoice(on, model.gradient_checkpointing == "auto",
+                                             f"{'auto: off, ' if model.gradient_checkpointing == 'auto' else ''}"
+                                             f"the plan could not be computed ({type(err).__name__}: {err})")
+        model.gradient_checkpointing = choice.on
+        self.manifest_fields["gradient_checkpointing"] = choice.as_manifest()
+        return choice
+
+    def note_lengths(self, **lengths: int) -> None:
+        """The longest rows the stage's data gives (train, eval, prompt tokens): what the planned peak in the
+        manifest is computed for."""
+        self.lengths = replace(self.lengths, **lengths)
+
+    def planned_memory(self) -> Optional[dict]:
+        """`ftl plan`'s peak for this run's data lengths and resolved checkpointing (None without a shape)."""
+        if self.shape is None:
+            try:
+                self.shape = model_shape(self.recipe)
+            except Exception as err:  # noqa: BLE001 - an estimate must not stop a run
+                return {"error": f"{type(err).__name__}: {err}"}
+        try:
+            setup = recipe_setup(self.recipe)
+            est, _, work = plan_with_checkpointing(self.recipe, self.shape, setup, self.lengths)
+        except Exception as err:  # noqa: BLE001
+            return {"error": f"{type(err).__name__}: {err}"}
+        return {"peak_bytes": round(est.peak), "lengths": asdict(self.lengths),
+                "rows": {"batch_size": work.batch_size, "seq_len": work.seq_len,
+                         "eval_batch_size": work.eval_batch_size, "eval_seq_len": work.eval_seq_len,
+                         "checkpointing": work.checkpointing},
+                "terms": {k: round(v) for k, v in est.as_dict().items() if isinstance(v, float)}}
 
     def validation_records(self, splits) -> list[dict]:
         return splits.validation[: self.recipe.eval.max_examples]
@@ -209,6 +269,7 @@ class RunSession:
                             "data.max_length or shorten the prompts")
         packing = self.packs()
         rows = pack_sequences(features, self.recipe.data.max_length) if packing else features
+        self.note_lengths(train=longest(rows), eval=longest(features))
         self.note_data(examples=len(features), train_rows=len(rows), packed=packing,
                        **(encoding.as_dict() if encoding is not None else {}))
         return rows
@@ -224,6 +285,7 @@ class RunSession:
         self.accelerator.print(f"ftl: method {self.recipe.method.kind}: {summary['trainable_params']:,} of "
                                f"{summary['total_params']:,} parameters train "
                                f"({100 * summary['trainable_share']:.2f}%)")
+        self.memory.mark("model")
         self._start_tracking()
         return model
 
@@ -243,6 +305,7 @@ class RunSession:
 
     # -- tracking --------------------------------------------------------------------------
     def _start_tracking(self) -> None:
+        self.manifest_fields["planned_memory"] = self.planned_memory()
         if self.main:
             write_manifest(self.run_dir / layout.MANIFEST_FILE, keep_attempts=self.resume, **self.manifest_fields)
             if self.recipe.track.wandb.enabled:
@@ -267,20 +330,41 @@ class RunSession:
         return run
 
     # -- the end ---------------------------------------------------------------------------
+    def record_memory(self) -> dict:
+        """Every rank's peak (a collective), the max over ranks into the manifest's `memory`, and one line."""
+        from accelerate.utils import gather_object
+
+        record = self.memory.rank_record()
+        per_rank = gather_object([record]) if self.accelerator.num_processes > 1 else [record]
+        memory = summarise(per_rank, self.memory.measure, self.manifest_fields.get("planned_memory"))
+        if self.main:
+            update_manifest(self.run_dir / layout.MANIFEST_FILE, memory=memory)
+            planned = (memory.get("planned") or {}).get("peak_bytes")
+            print(f"ftl: peak memory {memory['peak_bytes'] / 2**30:.2f} GiB ({memory['measure']}, max over "
+                  f"{len(per_rank)} rank{'s' if len(per_rank) > 1 else ''}"
+                  + (f"; planned {planned / 2**30:.2f} GiB, {100 * memory['planned_error']:+.0f}%" if planned else "")
+                  + ")", flush=True)
+        return memory
+
     def finish(self, model, tokenizer, result: FitResult, evaluate: Callable[[], dict],
                part: Optional[str] = None) -> dict:
         """part: save only this submodule of the trained module (e.g. PPO's policy inside its ZeRO engine)."""
         acc = self.accelerator
         summary = {"run_dir": str(self.run_dir), "steps": result.steps, "interrupted": result.interrupted}
+        self.memory.mark("trained")
         if result.interrupted:
+            self.record_memory()
             self.log.close()
             return summary
+        release_freed_memory()  # training's freed activations: not resident under evaluation's buffers
         after = evaluate()
         acc.print(metrics_line("after training", after))
         checks = rank_checks(acc, model)
         if len({c["param_digest"] for c in checks}) > 1 and not is_sharded(acc):
             acc.print(f"ftl: WARNING: ranks ended with different weights: {checks}")
         save_final_model(acc, model, tokenizer, self.run_dir / layout.FINAL_DIR, self.recipe.method, part)
+        self.memory.mark("end")
+        summary["memory"] = self.record_memory()
         if self.main:
             results = {}
             before_path = self.run_dir / layout.EVAL_BEFORE_FILE
@@ -303,6 +387,11 @@ class RunSession:
             summary.update(report=str(json_path), plot=str(plot) if plot else None, after=after)
         acc.wait_for_everyone()
         return summary
+
+
+def longest(features: list[dict]) -> int:
+    """The longest token row of features (any *input_ids field: a preference pair's chosen and rejected)."""
+    return max((len(v) for f in features for k, v in f.items() if k.endswith("input_ids")), default=0)
 
 
 def data_line(data: dict, max_length: int) -> str:

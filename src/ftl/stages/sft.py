@@ -13,7 +13,7 @@ from ftl.data.packing import collate
 from ftl.data.tokenize import EncodeReport, encode_records
 from ftl.evaluate.generate import generate_samples, sample_prompts
 from ftl.evaluate.lm import causal_lm_loss, lm_loss
-from ftl.stages.session import RunSession
+from ftl.stages.session import RunSession, longest
 from ftl.stages.sft_qat import compare_qat
 
 
@@ -25,6 +25,7 @@ def run_sft(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     validation = encode_records(tokenizer, session.validation_records(splits), recipe.data)
     test = encode_records(tokenizer, session.test_records(splits), recipe.data)
     rows = session.training_rows(train, encoding=encoding)
+    session.note_lengths(eval=longest(validation + test))  # what evaluation's batches are planned at
     model = session.prepare_model(tokenizer)
     evaluate = lm_evaluation(session, tokenizer, validation, splits.validation)
 

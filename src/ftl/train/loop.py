@@ -38,6 +38,7 @@ from ftl.console import metrics_line
 from ftl.errors import DataError, RecipeError
 from ftl.run_dir import BEST_DIR, MANIFEST_FILE
 from ftl.track.manifest import update_manifest
+from ftl.track.memory import release_freed_memory
 from ftl.train import controls
 from ftl.train.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from ftl.train.distributed import offloads_optimizer, uses_deepspeed
@@ -292,6 +293,7 @@ def _start_or_resume(accelerator, model, opt: _Optimization, stopper: controls.E
         accelerator.print(f"ftl: resumed from {ckpt} (step {step} of {opt.total})")
     elif before_training is not None:
         before_training(model)
+        release_freed_memory()  # evaluation's freed buffers: not resident under training's
     return model, optimizer, step
 
 
@@ -401,7 +403,9 @@ class Validation:
             model.train()
             return True
         if self.evaluate is not None and self.eval_every and step % self.eval_every == 0 and step < self.total:
+            release_freed_memory()  # training's freed activations: not resident under evaluation's buffers
             metrics = self.evaluate(model)
+            release_freed_memory()
             say(self.accelerator, metrics_line(f"step {step}", metrics))
             self.log({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
             model.train()
@@ -411,7 +415,9 @@ class Validation:
         """Evaluate at an epoch end; on improvement write best/ (before the checkpoint that records it, so a
         kill in between redoes the epoch and rewrites the same best/)."""
         accelerator, stopper = self.accelerator, self.stopper
+        release_freed_memory()
         metrics = self.evaluate(model)
+        release_freed_memory()
         value = stopper.value_from(metrics)
         improved = stopper.update(value, epoch, step)
         self.log({"step": step, "epoch": epoch, **{f"eval/{k}": v for k, v in metrics.items()}})
