@@ -3,7 +3,7 @@
 Model: the real SmolLM2-135M-Instruct (49,152-token vocabulary, head tied to the embeddings), fp32, full
 fine-tuning with AdamW, batch 8 x 512 tokens, every position counted (the chunked loss's worst case: it
 computes logits only where a label counts). Each configuration runs in a process of its own; its peak is
-the process's maximum resident set (ru_maxrss), and `step_bytes` is that peak minus the resident set just
+the process's resident-set high-water mark (VmHWM), and `step_bytes` is that peak minus the resident set just
 before the step (model loaded, optimizer built). Two steps each: the first creates AdamW's state, the second
 is timed alone as well. Also with activation checkpointing of the decoder layers (model.gradient_checkpointing),
 where the body's activations shrink and the logits are most of what a step adds.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ def one(chunk_tokens: int, checkpointing: bool) -> dict:
     from ftl.config.schema import ModelConfig
     from ftl.evaluate.lm import causal_lm_loss
     from ftl.models.load import load_model, pretrained_dir
+    from ftl.track.memory import peak_rss_bytes
 
     torch.manual_seed(0)
     cfg = ModelConfig(source="smollm2", dtype="float32", gradient_checkpointing=checkpointing)
@@ -49,7 +49,7 @@ def one(chunk_tokens: int, checkpointing: bool) -> dict:
         optimizer.zero_grad(set_to_none=True)
         seconds.append(time.perf_counter() - started)
         losses.append(loss.item())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = peak_rss_bytes()  # VmHWM: ru_maxrss would count a large parent's size
     return {"chunk_tokens": chunk_tokens, "gradient_checkpointing": checkpointing, "peak_rss_bytes": peak, "rss_before_step_bytes": before,
             "step_bytes": peak - before, "step_seconds": seconds, "losses": losses,
             "model_params": sum(p.numel() for p in model.parameters()), "vocab_size": vocab,

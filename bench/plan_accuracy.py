@@ -146,7 +146,7 @@ def main(names=None) -> dict:
     print(f"max relative error of the plan: {100 * worst:.1f}% (goal {100 * GOAL:.0f}%)")
     return {"name": "plan_accuracy", "steps": STEPS, "goal": GOAL, "runs": rows, "max_abs_error": worst,
             "max_abs_bound_error": max(abs(r["bound_error"]) for r in rows),
-            "measure": "host RSS high-water (getrusage ru_maxrss) of the run's process"}
+            "measure": "host RSS high-water (VmHWM) of the run's process"}
 
 
 if __name__ == "__main__":  # `python bench/plan_accuracy.py [NAME ...]`: some configurations, printed only

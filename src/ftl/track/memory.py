@@ -1,8 +1,7 @@
 """Peak memory of a run, measured in its own process(es), for the manifest and `ftl compare`.
 
-On CPU a rank's "device" memory is its resident set: the high-water mark is
-`resource.getrusage(RUSAGE_SELF).ru_maxrss` (Linux reports KiB, macOS bytes), and the current resident
-size is read from /proc/self/statm. On GPU it is `torch.cuda.max_memory_allocated()`: tensors only, not
+On CPU a rank's "device" memory is its resident set: the high-water mark is /proc/self/status's VmHWM
+(getrusage's ru_maxrss where /proc is missing), and the current resident size is read from /proc/self/statm. On GPU it is `torch.cuda.max_memory_allocated()`: tensors only, not
 the CUDA context or the caching allocator's reserve. Marks taken along the run (after the runtime is
 imported, after the data, after the model loads, after training) keep the current figure and the peak so
 far, so the runtime baseline and the model's weights can be told apart from what training adds.
@@ -17,12 +16,21 @@ import resource
 import sys
 from typing import Optional
 
-HOST_RSS = "host RSS high-water (getrusage ru_maxrss)"
+HOST_RSS = "host RSS high-water (VmHWM)"
 CUDA_ALLOCATED = "torch.cuda.max_memory_allocated"
 
 
 def peak_rss_bytes() -> int:
-    """This process's resident-set high-water mark, in bytes."""
+    """This process's resident-set high-water mark, in bytes: Linux's VmHWM, which belongs to the process
+    image. Not getrusage's ru_maxrss there: it survives fork and exec, so a run started by a large process
+    (pytest, a bench driver) would report its parent's size (measured: 1.5 GB for a 14 MB child)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 
