@@ -341,6 +341,25 @@ def test_a_dataset_missing_offline_is_one_error_line_naming_the_id(hub, tmp_path
     assert not (tmp_path / "run").exists()  # refused before anything started
 
 
+@pytest.mark.parametrize("data, key", [
+    ({"source": None, "sources": [{"kind": "chatterbot", "languages": ["english"]},
+                                  {"kind": "hub", "name": "org/absent-data"}]}, "data.sources[1]"),
+    ({"split": {"validation": 0.0}, "splits": {"validation": {"kind": "hub", "name": "org/absent-data"}}},
+     "data.splits.validation"),
+])
+def test_a_missing_hub_dataset_among_sources_or_splits_names_its_key(hub, tmp_path, capsys, monkeypatch, data, key):
+    use_cache(monkeypatch, hub["cache"])
+    recipe = tiny_recipe_dict(tmp_path / "run", data=data)
+    with pytest.raises(SystemExit) as done:
+        main(["run", str(write_recipe(tmp_path / "r.yaml", recipe))])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("ftl: error:")]
+    assert done.value.code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith(f"ftl: error: {key}.name: 'org/absent-data' (revision main) is not in the "
+                                "Hugging Face cache"), errors[0]
+    assert not (tmp_path / "run").exists()  # refused by the runner, before the stage started
+
+
 def test_a_hub_dataset_source_in_a_recipe_file(tmp_path):
     from ftl.config import load_recipe
 

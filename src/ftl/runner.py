@@ -54,9 +54,9 @@ def locate_hub_repos(recipe: Recipe) -> None:
     missing one is refused here within a second."""
     if recipe.model.source == "hub":
         hub_model(recipe.model)
-    for _, _, source in recipe.data.entries():  # data.source, data.sources, data.splits
+    for key, _, source in recipe.data.entries():  # data.source, data.sources, data.splits
         if source.kind == "hub":
-            dataset_snapshot(source)
+            dataset_snapshot(source, key)
 
 
 def run_recipe(path, profile=None, overrides=(), resume=False, run_dir=None, overwrite=False) -> dict:

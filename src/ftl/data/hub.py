@@ -19,9 +19,10 @@ from ftl.hub_cache import Snapshot, hub_snapshot
 KINDS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}  # suffix → source kind
 
 
-def dataset_snapshot(source: SourceConfig) -> Snapshot:
+def dataset_snapshot(source: SourceConfig, key: str = "data.source") -> Snapshot:
+    """`key`: where the recipe names this source (data.source, data.sources[i], data.splits.NAME)."""
     patterns = tuple(source.files) if source.files else None  # with network, fetch only what is read
-    return hub_snapshot(source.name, source.revision, "dataset", "data.source.name", DataError, patterns)
+    return hub_snapshot(source.name, source.revision, "dataset", f"{key}.name", DataError, patterns)
 
 
 def read_hub(source: SourceConfig, fmt: str):
