@@ -211,3 +211,20 @@ def test_two_ranks_sample_exactly_what_one_process_samples(tmp_path, sharding):
     jobs = [{k: s[k] for k in ("split", "prompt_index", "sample", "prompt")} for s in samples]
     alone = sample_responses(model, tokenizer, jobs, recipe.upft, recipe.train.seed, recipe.eval.batch_size)
     assert [a["response_ids"] for a in alone] == [s["response_ids"] for s in samples]
+
+
+def test_prompts_without_answers_read_as_auto_train_and_report_no_reference_loss(tmp_path):
+    """data.format auto: the reference-answer loss follows the kind of record the rows turned out to be
+    (session.record_kinds), here bare prompts, so there is none, while the self-prefix loss is reported."""
+    rows = [{"prompt": f"Tell me about topic number {i}, please."} for i in range(40)]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run_ftl("run", RECIPE, "--profile", "tiny", f"track.output_dir={tmp_path / 'run'}",
+                   f"data.source={{kind: jsonl, path: {data}}}", "data.format=auto", "train.max_steps=2",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert report["after"]["self_prefix_tokens"] > 0
+    assert "tokens" not in report["after"] and "loss" not in report["after"], report["after"]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert "prompts" in json.dumps(manifest["data"]), manifest["data"]
