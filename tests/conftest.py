@@ -61,9 +61,11 @@ def copy_rlhf_pipeline(tmp_path: Path, stages=None, **stage_overrides) -> Path:
     spec = yaml.safe_load(source.read_text())
     spec["output_dir"] = str(tmp_path / "out")
     spec["stages"] = [s for s in spec["stages"] if stages is None or s["name"] in stages]
+    if spec.get("judge") not in {s["name"] for s in spec["stages"]}:
+        spec.pop("judge", None)
     for stage in spec["stages"]:
         stage["recipe"] = str(source.parent / stage["recipe"])
-        stage["overrides"] = stage_overrides.get(stage["name"], [])
+        stage["overrides"] = stage.get("overrides", []) + stage_overrides.get(stage["name"], [])
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path

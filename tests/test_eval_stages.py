@@ -256,6 +256,25 @@ def test_a_format_the_model_cannot_score_is_refused_naming_the_file_and_what_fit
             "it scores 'classification' (text, label) rows, not 'text'")
 
 
+def test_rows_whose_detected_kind_the_model_cannot_score_are_refused_after_reading(runs, tmp_path, capsys):
+    chats = jsonl(tmp_path / "chats.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                           {"role": "assistant", "content": "hello"}]}])
+    refused(capsys, [runs["reward"], "--data", chats, "--format", "auto"],
+            f"--data {chats}: {runs['reward']} holds a reward model (stage 'reward'); it scores 'preference' "
+            "(prompt, chosen, rejected) rows, not 'auto' (chat records)")
+    refused(capsys, [runs["classify"] / "final", "--data", chats, "--format", "auto"],
+            "is a sequence-classifier folder; it scores 'classification' (text, label) rows, not 'auto' (chat records)")
+
+
+def test_a_judge_reward_is_refused_where_it_cannot_rescore_a_policy(runs, capsys):
+    judge = runs["reward"] / "final"
+    refused(capsys, [runs["classify"], "--reward", judge],
+            f"--reward {judge}: it rescores a policy's responses; {runs['classify']} holds a classifier")
+    refused(capsys, [runs["ppo"], "--reward", runs["classify"] / "final"],
+            "expected a reward-model folder (a reward stage's final/ or merged/: a one-output sequence classifier)")
+    refused(capsys, [runs["ppo"] / "final", "--reward", judge], "is a model folder; give a policy's run directory")
+
+
 def test_an_empty_split_and_a_policy_without_a_reward_are_refused(runs, trl_runs, tmp_path, capsys):
     refused(capsys, [trl_runs["dpo"], "--split", "test"], "the run's test split is empty (data.split.test: 0.0)")
     unrated = tmp_path / "dpo"

@@ -68,6 +68,7 @@ def test_every_stage_has_an_eval_row_that_scores_what_the_stage_trains_on():
     assert set(BY_STAGE) == set(STAGES)
     for name, info in STAGES.items():  # `ftl eval RUN` scores the run's own split in the run's format
         assert set(info.formats) <= set(BY_STAGE[name].formats), name
+        assert info.policy == (BY_STAGE[name].name == "policy"), name  # what a pipeline's judge re-scores
 
 
 def test_every_method_kind_has_a_row_with_every_column():

@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="where to write eval.json / eval.md (default: TARGET/eval)")
     ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                     help="where to evaluate (default auto: CUDA when present; a 4/8-bit model stays where it loaded)")
+    ev.add_argument("--reward", default=None, metavar="REWARD_MODEL",
+                    help="a policy run: score with this reward-model folder instead of the run's reward (a judge)")
     _verbose_arg(ev)
     ev.set_defaults(handler=cmd_eval)
 
@@ -369,7 +371,7 @@ def cmd_eval(args) -> int:
     from ftl.evaluate.target import evaluate_target
 
     evaluate_target(args.target, data=args.data, fmt=args.format, split=args.split, out=args.out,
-                    device=args.device)
+                    device=args.device, reward=args.reward)
     return 0
 
 

@@ -23,6 +23,7 @@ class StageInfo:
     needs_reward: bool = False  # needs a `reward:` section (a reward model or function)
     packs: bool = False         # trains on packed rows when data.packing and the method allow it
     describe_formats: str = ""  # how an error names the formats (default: the list)
+    policy: bool = False        # trains a policy compared with its start on held-out prompts (reward, win rate)
 
     def run_function(self) -> Callable:
         module, name = self.run.split(":")
@@ -33,10 +34,12 @@ STAGES: dict[str, StageInfo] = {
     "sft": StageInfo("ftl.stages.sft:run_sft", LM_FORMATS, own_loop=False, packs=True),
     "reward": StageInfo("ftl.stages.reward:run_reward", ("preference",), own_loop=False,
                         describe_formats="'preference' (prompt, chosen, rejected)"),
-    "ppo": StageInfo("ftl.stages.ppo:run_ppo", PROMPT_FORMATS + ("preference",), own_loop=True, needs_reward=True),
+    "ppo": StageInfo("ftl.stages.ppo:run_ppo", PROMPT_FORMATS + ("preference",), own_loop=True, needs_reward=True,
+                     policy=True),
     "dpo": StageInfo("ftl.stages.dpo:run_dpo", ("preference",), own_loop=True,
-                     describe_formats="'preference' (prompt, chosen, rejected)"),
-    "grpo": StageInfo("ftl.stages.grpo:run_grpo", PROMPT_FORMATS + ("preference",), own_loop=True, needs_reward=True),
+                     describe_formats="'preference' (prompt, chosen, rejected)", policy=True),
+    "grpo": StageInfo("ftl.stages.grpo:run_grpo", PROMPT_FORMATS + ("preference",), own_loop=True, needs_reward=True,
+                      policy=True),
     "classify": StageInfo("ftl.stages.classify:run_classify", ("classification",), own_loop=False,
                           describe_formats="'classification' (text, label)"),
     "upft": StageInfo("ftl.stages.upft:run_upft", PROMPT_FORMATS, own_loop=False, packs=True,

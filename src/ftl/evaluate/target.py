@@ -14,11 +14,11 @@ import torch
 
 from ftl import run_dir as layout
 from ftl.config import load_recipe
-from ftl.config.schema import FORMAT_KINDS, DataConfig, Recipe, ShareConfig
+from ftl.config.schema import FORMAT_KINDS, DataConfig, Recipe, RewardSource, ShareConfig
 from ftl.console import metrics_line
 from ftl.data import load_splits
 from ftl.errors import FtlError
-from ftl.evaluate.by_stage import BY_STAGE, EvalJob, EvalKind
+from ftl.evaluate.by_stage import BY_STAGE, POLICY, EvalJob, EvalKind
 from ftl.evaluate.device import eval_device
 from ftl.evaluate.report import write_report
 from ftl.evaluate.target_models import folder_stage
@@ -101,13 +101,35 @@ def records_to_score(run: Recipe | None, path: Path, data: str | None, fmt: str,
     return run.data, records, f"{split} split", report.kinds()
 
 
+def judged_by(run: Recipe, path: Path, kind: EvalKind, reward: str) -> Recipe:
+    """The run's recipe with `reward:` replaced by the reward model at `reward` (a judge: another reward model,
+    e.g. one trained on a share of the data the policy never saw). The run's missing-EOS penalty is kept, so
+    the judge's win rate is measured as the run's own is."""
+    if kind is not POLICY:
+        raise FtlError(f"--reward {reward}: it rescores a policy's responses; {path} holds a "
+                       f"{kind.name.replace('_', ' ')}")
+    folder = Path(reward)
+    if not (folder / "config.json").exists() or folder_stage(folder) != "reward":
+        raise FtlError(f"--reward {reward}: expected a reward-model folder (a reward stage's final/ or merged/: "
+                       "a one-output sequence classifier)")
+    penalty = run.reward.missing_eos_penalty if run.reward else RewardSource.model_fields["missing_eos_penalty"].default
+    return run.model_copy(update={"reward": RewardSource(kind="model", path=str(folder),
+                                                         missing_eos_penalty=penalty)})
+
+
 def evaluate_target(target: str, data: str | None = None, fmt: str | None = None, split: str = "validation",
-                    out: str | None = None, max_new_tokens: int = 24, samples: int = 3, device: str = "auto") -> dict:
+                    out: str | None = None, max_new_tokens: int = 24, samples: int = 3, device: str = "auto",
+                    reward: str | None = None) -> dict:
     check_format(fmt, data)  # every refusal comes before a model loads
     wanted = eval_device(device, torch.cuda.is_available())
     path = Path(target)
     run, stage = open_target(path)
     kind = BY_STAGE[stage]
+    if reward is not None:
+        if run is None:
+            raise FtlError(f"--reward {reward}: {path} is a model folder; give a policy's run directory (its "
+                           "recipe names the model it started from)")
+        run = judged_by(run, path, kind, reward)
     fmt = format_to_score(kind, run, stage, path, data, fmt)
     data_cfg, records, source, kinds = records_to_score(run, path, data, fmt, split)
     check_kinds(kind, run, stage, path, data, kinds, fmt)
@@ -116,7 +138,7 @@ def evaluate_target(target: str, data: str | None = None, fmt: str | None = None
     recipe = run.model_copy(update={"data": data_cfg}) if run else \
         Recipe.model_validate({"name": path.name, "stage": stage, "data": data_cfg.model_dump()})
     metrics = kind.evaluate(EvalJob(path, run is not None, recipe, records, source, wanted, max_new_tokens, samples))
-    metrics.update(stage=stage, kind=kind.name, data=source)
+    metrics.update(stage=stage, kind=kind.name, data=source, **({"judged_by": str(reward)} if reward else {}))
     json_path, md_path = write_report(Path(out) if out else path / "eval", {"eval": metrics})
     print(metrics_line(f"{path} ({kind.name}, {len(records)} records from {source})", metrics))
     print(f"ftl: wrote {json_path} and {md_path}")

@@ -23,6 +23,7 @@ from ftl.config import load_recipe, resolved_dict
 from ftl.config.schema import Recipe
 from ftl.errors import FtlError, RecipeError
 from ftl.launch.command import build_launch_command, runnable
+from ftl.pipeline.policies import policies_table
 
 STAGE_FILE = "stage.json"
 
@@ -45,6 +46,7 @@ class PipelineSpec(BaseModel):
     description: str = ""
     output_dir: str = "runs/{name}-{profile}"
     stages: list[StageSpec]
+    judge: Optional[str] = None        # a reward stage whose model re-scores every policy stage (ftl.pipeline.policies)
 
 
 def load_pipeline(path: Path) -> PipelineSpec:
@@ -59,6 +61,10 @@ def load_pipeline(path: Path) -> PipelineSpec:
                 raise PipelineError(f"{path}: stage '{stage.name}' input {key} ← '{source}': no earlier stage "
                                     f"of that name (earlier: {sorted(seen) or 'none'})")
         seen.add(stage.name)
+    if spec.judge is not None:
+        judge = next((st for st in spec.stages if st.name == spec.judge), None)
+        if judge is None:
+            raise PipelineError(f"{path}: judge '{spec.judge}': no stage of that name (stages: {sorted(seen)})")
     return spec
 
 
@@ -142,28 +148,37 @@ def run_pipeline(path: str | Path, profile: Optional[str] = None, force: bool = 
         log = root / f"{plan.name}.log"
         code = run_logged(runnable(command), log)
         if code == 0:
-            code = finish_stage(plan, log)
+            code = finish_stage(plan, log, seconds=round(time.time() - started, 1))
         if code != 0 or not plan.output.exists():
             tail = "".join(log.read_text(errors="replace").splitlines(True)[-15:])
             raise PipelineError(f"stage '{plan.name}' failed (exit {code}); later stages not run. "
                                 f"Log: {log}\n{tail}")
         summary.append({"stage": plan.name, "status": "ran", "seconds": round(time.time() - started, 1),
                         "output": str(plan.output)})
+    judge_stages(spec, plans)
     report = write_pipeline_report(root, spec, summary)
     print(f"ftl pipeline: done; report {report}", flush=True)
     return {"root": str(root), "stages": summary, "report": str(report)}
 
 
-def finish_stage(plan: StagePlan, log: Optional[Path] = None) -> int:
+def finish_stage(plan: StagePlan, log: Optional[Path] = None, seconds: Optional[float] = None) -> int:
     """After a stage trained: merge its adapter when the next stage needs a whole model, then mark it
-    complete (recipe + inputs fingerprint) so an unchanged rerun skips it."""
+    complete (recipe + inputs fingerprint) so an unchanged rerun skips it. `seconds`: its wall time, for
+    the report."""
     code = 0
     if plan.output.name == layout.MERGED_DIR:
         code = run_logged(([sys.executable, "-m", "ftl", "merge", str(plan.stage_dir)], None), log, append=True)
     if code == 0 and plan.output.exists():
         (plan.stage_dir / STAGE_FILE).write_text(json.dumps({"fingerprint": plan.fingerprint,
-                                                             "output": str(plan.output)}))
+                                                             "output": str(plan.output), "seconds": seconds}))
     return code if code else (0 if plan.output.exists() else 1)
+
+
+def judge_stages(spec: PipelineSpec, plans: list[StagePlan]) -> None:
+    if spec.judge is not None:
+        from ftl.pipeline.policies import judge_policies
+
+        judge_policies(plans, next(p for p in plans if p.name == spec.judge))
 
 
 def complete_stage(path: str | Path, profile: Optional[str], name: str) -> None:
@@ -176,6 +191,7 @@ def complete_stage(path: str | Path, profile: Optional[str], name: str) -> None:
         raise PipelineError(f"stage '{name}': no model at {plan.output} after training")
     print(f"ftl pipeline: stage '{name}' complete: {plan.output}", flush=True)
     if plan is plans[-1]:
+        judge_stages(spec, plans)
         summary = [{"stage": p.name, "status": "ran as a Slurm job", "output": str(p.output)} for p in plans]
         print(f"ftl pipeline: done; report {write_pipeline_report(pipeline_root(spec, profile), spec, summary)}")
 
@@ -199,6 +215,7 @@ def write_pipeline_report(root: Path, spec: PipelineSpec, summary: list[dict]) -
             lines += ["", f"## {stage.name}", "", eval_md.read_text()]
         if plot.exists():
             lines += [f"![{stage.name} curves]({stage.name}/{layout.PLOT_FILE})", ""]
+    lines += policies_table(root, [stage.name for stage in spec.stages])
     report = root / "pipeline_report.md"
     report.write_text("\n".join(lines) + "\n")
     return report

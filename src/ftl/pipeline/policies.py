@@ -1,0 +1,90 @@
+"""A pipeline's policies side by side (PPO, RLOO, REINFORCE++, DPO, GRPO, ...): each policy stage's own
+end-of-run comparison with the model it started from, re-scored by the pipeline's judge — a reward model
+trained on a share of the data no policy saw — and one table of reward, judge reward, win rates, KL, wall
+time and peak memory. A win under the stages' reward model that the judge does not confirm is said so.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from ftl import run_dir as layout
+from ftl.config.stages import STAGES
+
+JUDGE_DIR = "judge"          # STAGE_DIR/judge/eval.json: the judge's re-scoring of the stage's comparison
+JUDGE_STAMP = "judged.json"  # what was judged (stage + judge fingerprints): an unchanged rerun skips it
+
+
+def is_policy(stage: str) -> bool:
+    return STAGES[stage].policy
+
+
+def judge_policies(plans, judge) -> None:
+    """Re-score every policy stage's held-out comparison with the judge's reward model (`ftl eval STAGE
+    --reward JUDGE`: the same prompts and seeds, hence the same responses, as the stage's own comparison)."""
+    from ftl.evaluate.target import evaluate_target  # torch loads only when a pipeline has a judge
+
+    for plan in plans:
+        if plan is judge or not is_policy(plan.recipe.stage):
+            continue
+        out = plan.stage_dir / JUDGE_DIR
+        stamp = {"stage": plan.fingerprint, "judge": judge.fingerprint}
+        if (out / "eval.json").exists() and (out / JUDGE_STAMP).exists() and \
+                json.loads((out / JUDGE_STAMP).read_text()) == stamp:
+            continue
+        print(f"ftl pipeline: judging stage '{plan.name}' with '{judge.name}' ({judge.output})", flush=True)
+        evaluate_target(str(plan.stage_dir), out=str(out), reward=str(judge.output))
+        (out / JUDGE_STAMP).write_text(json.dumps(stamp))
+
+
+def read_json(path: Path) -> Optional[dict]:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def verdict(own: dict, judged: Optional[dict]) -> str:
+    if judged is None:
+        return "-"
+    wins, confirmed = own["win_rate"] > 0.5, judged["win_rate"] > 0.5
+    if wins and not confirmed:
+        return "reward-model win NOT confirmed by the judge"
+    if wins:
+        return "win confirmed"
+    return "no win"
+
+
+def stage_of(stage_dir: Path) -> str:
+    from ftl.config import load_recipe
+
+    return load_recipe(stage_dir / layout.RECIPE_FILE).stage
+
+
+def policies_table(root: Path, stage_names: list[str]) -> list[str]:
+    """Markdown lines: one row per policy stage that has finished its comparison (empty when none has)."""
+    rows = []
+    for name in stage_names:
+        stage_dir = root / name
+        evaluation, manifest = read_json(stage_dir / "eval.json"), read_json(stage_dir / layout.MANIFEST_FILE)
+        if not evaluation or not manifest or "win_rate" not in evaluation.get("after", {}):
+            continue
+        own = evaluation["after"]
+        judged = (read_json(stage_dir / JUDGE_DIR / "eval.json") or {}).get("eval")
+        stamp = read_json(stage_dir / "stage.json") or {}
+        method = (manifest.get("ppo") or {}).get("advantage") or stage_of(stage_dir)
+        peak = (manifest.get("memory") or {}).get("peak_bytes")
+        rows.append(f"| {name} | {method} | {own['mean_reward']:.3f} (start {own['reference_mean_reward']:.3f}) | "
+                    f"{own['win_rate']:.2f} | "
+                    + (f"{judged['mean_raw_score']:.3f} (start {judged['reference_mean_raw_score']:.3f}) | "
+                       f"{judged['win_rate']:.2f} | " if judged else "- | - | ")
+                    + f"{own['kl_to_reference']:.3f} | {stamp.get('seconds', '-')} | "
+                    f"{f'{peak / 2**30:.2f}' if peak else '-'} | {verdict(own, judged)} |")
+    if not rows:
+        return []
+    return ["", "## Policies side by side", "",
+            "The same held-out prompts, sampled by each policy and by the model it started from (same seeds). "
+            "Reward: as optimised (reward model + missing-EOS penalty); judge: a reward model trained on a "
+            "share of the data no stage saw (raw score). KL: exact, per response, to the starting model.", "",
+            "| stage | algorithm | reward (start) | win rate | judge score (start) | judge win rate | KL (nats) | "
+            "wall time (s) | peak memory (GiB) | verdict |",
+            "|---|---|---|---|---|---|---|---|---|---|"] + rows
