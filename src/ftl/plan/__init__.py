@@ -19,6 +19,7 @@ from ftl.config.schema import Recipe
 from ftl.methods import METHODS
 from ftl.models.load import pretrained_dir, without_zero_init
 from ftl.plan.memory import Estimate, ModelShape, RLWorkload, Setup, Workload, estimate
+from ftl.rl.advantages import ESTIMATORS
 
 GB = 1024**3
 BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw")
@@ -162,6 +163,9 @@ def has_evaluation(recipe: Recipe) -> bool:
     return given or d.split.validation > 0 or d.split.test > 0
 
 
+CHUNKED_LOSS_STAGES = ("sft", "upft", "ppo")  # the stages whose causal-LM loss is ftl's (models/chunked_loss.py)
+
+
 def recipe_workload(recipe: Recipe, checkpointing: bool, lengths: DataLengths = DataLengths()) -> Workload:
     """What one micro-batch, evaluation and generation hold, from the recipe (lengths: data.max_length
     unless the run's data says otherwise)."""
@@ -172,20 +176,21 @@ def recipe_workload(recipe: Recipe, checkpointing: bool, lengths: DataLengths = 
     if recipe.stage in ("ppo", "grpo"):
         reference_copy = not METHODS[recipe.method.kind].disabled_adapter_reference and \
             (recipe.stage == "ppo" or recipe.grpo.beta > 0)
-        group = recipe.grpo.num_generations if recipe.stage == "grpo" else 1
+        group = recipe.grpo.num_generations if recipe.stage == "grpo" else recipe.ppo.samples_per_prompt
         prompts = recipe.ppo.rollout_batch if recipe.stage == "ppo" else max(t.batch_size // group, 1)
         rl = RLWorkload(rollout_batch=prompts, samples_per_prompt=group,
                         mini_batch=recipe.ppo.mini_batch if recipe.stage == "ppo" else t.batch_size,
                         prompt_tokens=min(lengths.prompt or d.max_length, d.max_length),
                         response_tokens=recipe.sampling.max_new_tokens, reference_copy=reference_copy,
                         reward_model=recipe.reward is not None and recipe.reward.kind == "model",
-                        value_model=recipe.stage == "ppo",
+                        value_model=recipe.stage == "ppo" and ESTIMATORS[recipe.ppo.advantage].value_model,
                         eval_sequences=(ev.max_examples or RL_EVAL_PROMPTS) * RL_EVAL_REPEATS)
     evaluating = has_evaluation(recipe) and recipe.stage in ("sft", "upft", "classify", "reward")
     prompts = len(ev.generate.prompts) + ev.generate.from_validation if recipe.stage in ("sft", "upft") else 0
     return Workload(batch_size=t.batch_size, seq_len=seq, checkpointing=checkpointing,
                     masked=_packed(recipe) or t.batch_size > 1,
-                    loss_chunk_tokens=getattr(t, "loss_chunk_tokens", None) or None,
+                    # ftl computes these stages' causal-LM losses (chunked); TRL's dpo/grpo do their own
+                    loss_chunk_tokens=(t.loss_chunk_tokens or None) if recipe.stage in CHUNKED_LOSS_STAGES else None,
                     head=head_of(recipe), rows_per_example=2 if recipe.stage in ("reward", "dpo") else 1,
                     eval_batch_size=ev.batch_size if evaluating else 0, eval_seq_len=eval_seq if evaluating else 0,
                     generate_batch=1 if prompts else 0, generate_tokens=eval_seq + ev.generate.max_new_tokens,

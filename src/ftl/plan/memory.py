@@ -392,7 +392,8 @@ def add_workload(e: Estimate, shape: ModelShape, s: Setup, w: Workload) -> None:
         evaluation = 0.0
         if w.eval_batch_size and w.eval_seq_len:
             eval_tokens = w.eval_batch_size * w.rows_per_example * w.eval_seq_len
-            evaluation = forward_bytes(shape, s, eval_tokens) + (logits_bytes(shape, s, eval_tokens) if causal else 0)
+            evaluation = forward_bytes(shape, s, eval_tokens) + \
+                (logits_bytes(shape, s, eval_tokens, w.loss_chunk_tokens) if causal else 0)  # eval's loss is chunked too
         if w.generate_batch and w.generate_tokens:
             evaluation = max(evaluation, kv_cache_bytes(shape, s, w.generate_batch, w.generate_tokens)
                              + logit_bytes(s) * w.generate_batch * w.generate_tokens * shape.vocab_size)
@@ -418,9 +419,15 @@ def _add_rl(e: Estimate, shape: ModelShape, s: Setup, w: Workload, lora: bool) -
         e.optimizer_step += weights  # AdamW's sqrt(v) over the value model too
     seq, resp, V, c = rl.prompt_tokens + rl.response_tokens, rl.response_tokens, shape.vocab_size, compute_bytes(s)
     sequences = rl.rollout_batch * rl.samples_per_prompt
+    K = w.loss_chunk_tokens  # ftl's PPO applies the head to K response positions at a time (GRPO is TRL's: None)
+
+    def at_once(positions: int) -> int:
+        return min(K, positions) if K else positions
+
     # rollout (no grad): generation's KV cache, then scoring: the policy's (and reference's) logits over every
-    # sequence, their fp32 log-softmax over the responses
-    scoring = forward_bytes(shape, s, sequences * seq) + c * sequences * seq * V + 8 * sequences * resp * V
+    # sequence, their fp32 log-softmax over the responses; chunked: only K response positions' logits at a time
+    scoring = forward_bytes(shape, s, sequences * seq) + (
+        logit_bytes(s) * at_once(sequences * resp) * V if K else c * sequences * seq * V + 8 * sequences * resp * V)
     e.rollout = float(max(kv_cache_bytes(shape, s, sequences, seq), scoring))
     # the update: the policy's (and value model's) activations over mini_batch sequences; the policy's logits
     # and their fp32 copies over the responses (scaled by temperature, log-softmax, entropy)
@@ -431,11 +438,14 @@ def _add_rl(e: Estimate, shape: ModelShape, s: Setup, w: Workload, lora: bool) -
     e.activations_unchecked = policy_unchecked + value_acts
     e.activations_checked = policy_checked + value_acts  # the value model never checkpoints
     e.activations = e.activations_checked if w.checkpointing else e.activations_unchecked
-    e.logits = float(c * tokens * V + 16 * rl.mini_batch * resp * V)
+    e.logits = float(16 * at_once(rl.mini_batch * resp) * V if K else c * tokens * V + 16 * rl.mini_batch * resp * V)
     # the end-of-run comparison: both policies sample `eval_sequences` responses; the full logits of one, then both
-    # fp32 log-softmaxes and the per-token KL's temporaries
+    # fp32 log-softmaxes and the per-token KL's temporaries (chunked: K positions of both heads at a time)
     n = rl.eval_sequences
-    e.evaluation = float(max(c * n * seq * V + 8 * n * resp * V, 20 * n * resp * V)) if n else 0.0
+    if K:
+        e.evaluation = float(max(kv_cache_bytes(shape, s, n, seq), 20 * at_once(n * resp) * V)) if n else 0.0
+    else:
+        e.evaluation = float(max(c * n * seq * V + 8 * n * resp * V, 20 * n * resp * V)) if n else 0.0
     return tokens
 
 
