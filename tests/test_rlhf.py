@@ -30,9 +30,11 @@ def test_pipeline_hands_artifacts_on_and_ppo_raises_the_reward(pipeline_run):
     reward_eval = json.loads((out / "reward" / "eval.json").read_text())["after"]
     assert reward_eval["pairwise_accuracy"] > 0.6 and reward_eval["mean_margin"] > 0
     rewards = [r["reward"] for r in read_jsonl(out / "ppo" / "metrics.jsonl")]
-    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.3, rewards  # RM score + missing-EOS penalty
+    # RM score + missing-EOS penalty, mean of the first vs last 5 steps: measured 0.39 -> 0.86 (noisy per step)
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.2, rewards
     ppo_eval = json.loads((out / "ppo" / "eval.json").read_text())["after"]
-    assert ppo_eval["mean_reward"] > ppo_eval["reference_mean_reward"]
+    # 64 held-out responses vs the SFT model's: measured 1.04 vs 0.65, win rate 0.66
+    assert ppo_eval["mean_reward"] > ppo_eval["reference_mean_reward"] + 0.2 and ppo_eval["win_rate"] > 0.55
     assert 0 < ppo_eval["kl_to_reference"] < 10
     for key in ("reward", "kl", "entropy", "value_loss", "policy_loss", "clip_fraction", "response_length",
                 "generation_seconds", "training_seconds"):
