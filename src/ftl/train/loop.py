@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
+from torch.profiler import record_function
 
 from ftl.config.schema import TrainConfig
 from ftl.console import metrics_line
@@ -65,14 +66,16 @@ class FitResult:
 
 
 def build_optimizer(model, cfg: TrainConfig, param_groups=None, offloaded: bool = False,
-                    lr: Optional[float] = None):
+                    lr: Optional[float] = None, deepspeed: bool = False):
     params = param_groups or [p for p in model.parameters() if p.requires_grad]
     lr = cfg.lr if lr is None else lr
+    impl = _IMPL_FLAGS.get(optimizer_impl(cfg, params, deepspeed or offloaded), {})
     if offloaded:  # ZeRO-Offload steps on the CPU with DeepSpeed's own Adam (compiled once, cached)
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # local: importing deepspeed costs seconds
 
-        if cfg.optimizer != "adamw":
-            raise ValueError("optimizer offload supports train.optimizer 'adamw' only")
+        if cfg.optimizer != "adamw" or cfg.optimizer_impl != "auto":
+            raise RecipeError("optimizer offload runs DeepSpeed's CPU Adam: it supports train.optimizer 'adamw' with "
+                              "train.optimizer_impl 'auto' only")
         return DeepSpeedCPUAdam(params, lr=lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
                                 adamw_mode=True)
     if cfg.optimizer in BNB_OPTIMIZERS:  # 8-bit / paged optimizers (paged ones fall back to unpaged on CPU)
@@ -81,8 +84,32 @@ def build_optimizer(model, cfg: TrainConfig, param_groups=None, offloaded: bool 
         return getattr(bnb.optim, BNB_OPTIMIZERS[cfg.optimizer])(
             params, lr=lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
+        return torch.optim.SGD(params, lr=lr, weight_decay=cfg.weight_decay, **impl)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), **impl)
+
+
+_IMPL_FLAGS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False},
+               "torch default": {}}
+
+
+def optimizer_impl(cfg: TrainConfig, params=(), deepspeed: bool = False) -> str:
+    """train.optimizer_impl as this run uses it for a torch adamw/sgd: auto is fused where torch has a fused
+    kernel for every parameter's device (CPU and CUDA), except under DeepSpeed, whose engine hands the optimizer
+    its own flattened partitions (torch's default there); 'n/a' for optimizers that have no such choice."""
+    if cfg.optimizer not in ("adamw", "sgd"):
+        if cfg.optimizer_impl != "auto":
+            raise RecipeError(f"train.optimizer_impl: {cfg.optimizer_impl!r} applies to train.optimizer adamw or sgd, "
+                              f"not {cfg.optimizer!r}; leave it at auto")
+        return "n/a"
+    if cfg.optimizer_impl != "auto":
+        return cfg.optimizer_impl
+    if deepspeed:
+        return "torch default"
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    supported = set(_get_fused_kernels_supported_devices())
+    return "fused" if all(t.device.type in supported and t.is_floating_point() for t in tensors) else "torch default"
 
 
 def build_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
@@ -177,14 +204,16 @@ class _Optimization:
             groups = [controls.Group(f"group.{i}", g.get("lr", phase.lr) if isinstance(g, dict) else phase.lr,
                                      [names[id(p)] for p in (g["params"] if isinstance(g, dict) else [g])])
                       for i, g in enumerate(self.caller_groups)]
-            optimizer = build_optimizer(unwrapped, cfg, self.caller_groups, offloaded=offloads_optimizer(acc))
+            optimizer = build_optimizer(unwrapped, cfg, self.caller_groups, offloaded=offloads_optimizer(acc),
+                                        deepspeed=uses_deepspeed(acc))
         else:
             groups = controls.param_groups(self.layout, trainable, phase.lr, cfg)
             if not any(g.names for g in groups):
                 raise RecipeError("nothing to train: the method and train.freeze leave no trainable parameter")
             torch_groups = ([{"params": [params[n] for n in g.names], "lr": g.lr} for g in groups]
                             if (self.phased or self.grouped) else None)  # None: the plain trainable list
-            optimizer = build_optimizer(unwrapped, cfg, torch_groups, offloaded=offloads_optimizer(acc), lr=phase.lr)
+            optimizer = build_optimizer(unwrapped, cfg, torch_groups, offloaded=offloads_optimizer(acc), lr=phase.lr,
+                                        deepspeed=uses_deepspeed(acc))
         # the logged "lr" follows the phase's (or train.lr's) base rate even when group 0 runs at another
         self.base_ratio = phase.lr / groups[0].lr if self.caller_groups is None and groups[0].lr else 1.0
         self.scheduler_slot.scheduler = build_scheduler(optimizer, cfg, phase.steps)
@@ -194,7 +223,8 @@ class _Optimization:
         build = {"step": step, "phase": phase_index, "phase_steps": [phase.start + 1, phase.end],
                  "top_blocks": (phase.top_blocks if phase.top_blocks is not None else "all") if self.phased else None,
                  "trainable_tensors": sum(g["tensors"] for g in described),
-                 "trainable_params": sum(g["params"] for g in described), "groups": described}
+                 "trainable_params": sum(g["params"] for g in described), "groups": described,
+                 "implementation": _implementation_of(optimizer)}
         where = (f"unfreeze phase {phase_index + 1}/{len(self.phases)} (steps {phase.start + 1}-{phase.end}): "
                  if self.phased else "")
         acc.print(f"ftl: optimizer {where}{build['trainable_params']:,} parameters in {len(described)} "
@@ -202,6 +232,17 @@ class _Optimization:
         _append_to_manifest(acc, self.run_dir, "optimizer_builds", build)
         self.builds.append(build)
         return model, optimizer
+
+
+def _implementation_of(optimizer) -> str:
+    """How the built optimizer runs its update (what train.optimizer_impl resolved to), for the manifest."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+    defaults = getattr(inner, "defaults", {})
+    if not isinstance(inner, (torch.optim.AdamW, torch.optim.SGD)):
+        return type(inner).__name__
+    if defaults.get("fused"):
+        return "fused"
+    return {True: "foreach", False: "for_loop"}.get(defaults.get("foreach"), "torch default")
 
 
 class _SchedulerSlot:
@@ -227,6 +268,8 @@ def fit(*, accelerator, model, cfg: TrainConfig, features: list[dict], collate: 
     usable model folder (default: accelerate's model.safetensors) for the `best/` copy;
     `before_training(model)` runs on the prepared model before a fresh (not resumed) run's first step."""
     opt = _Optimization(accelerator, model, cfg, len(features), param_groups, run_dir)
+    _set_in_manifest(accelerator, run_dir, "compile", compile_blocks(accelerator, accelerator.unwrap_model(model),
+                                                                     opt.layout) if cfg.compile else {"enabled": False})
     total = opt.total
     watchdog = Watchdog(cfg.stall_timeout_s, run_dir, accelerator.process_index)
     evaluate = watchdog.watched(evaluate)
@@ -271,6 +314,25 @@ def fit(*, accelerator, model, cfg: TrainConfig, features: list[dict], collate: 
         result.early_stopping = validation.stopper.state()
         result.stopped_early = validation.stopper.stopped
     return model, result
+
+
+def compile_blocks(accelerator, model, layout: controls.Layout) -> dict:
+    """train.compile: torch.compile each transformer block in place (the blocks are alike, so they share one
+    compiled graph per input shape kind; the model's head, which the chunked loss swaps per forward, and its
+    mask building stay eager). Returns what was compiled, for the manifest."""
+    if uses_deepspeed(accelerator):
+        raise RecipeError("train.compile: compiling under DeepSpeed is not supported by ftl (its ZeRO hooks gather "
+                          "parameters inside the blocks); set train.compile: false or train without launch.deepspeed")
+    if layout.block_path is None:
+        raise RecipeError(f"train.compile: ftl found no list of transformer blocks in {type(model).__name__} to "
+                          "compile; set train.compile: false")
+    blocks = model.get_submodule(layout.block_path)
+    for block in blocks:
+        block.compile(dynamic=None)  # the first new length recompiles once with dynamic shapes
+    accelerator.print(f"ftl: train.compile: {len(blocks)} blocks ({layout.block_path}) compiled with torch.compile "
+                      "(inductor); the first steps include the compile time")
+    return {"enabled": True, "blocks": len(blocks), "block_path": layout.block_path, "backend": "inductor",
+            "torch": torch.__version__}
 
 
 def _start_or_resume(accelerator, model, opt: _Optimization, stopper: controls.EarlyStopping, run_dir: Path,
@@ -331,18 +393,22 @@ def accumulate(accelerator, model, optimizer, scheduler, batches, loss_fn: LossF
     unless fp16's loss scaler skipped that update (the schedule then waits for the next real update)."""
     losses, tokens, targets, skipped = [], 0, 0, False
     for _ in range(cfg.grad_accum):
-        epoch, rows, batch = next(batches)
+        with record_function("ftl.batch"):  # the labels name a step's parts in a torch.profiler trace
+            epoch, rows, batch = next(batches)
         with accelerator.accumulate(model):
-            loss, n_targets = loss_fn(model, batch)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            if accelerator.sync_gradients:
-                skipped = accelerator.optimizer_step_was_skipped
-                if not skipped:
-                    scheduler.step()
-            optimizer.zero_grad()
+            with record_function("ftl.forward_loss"):
+                loss, n_targets = loss_fn(model, batch)
+            with record_function("ftl.backward"):
+                accelerator.backward(loss)
+            with record_function("ftl.optimizer"):
+                if accelerator.sync_gradients and cfg.grad_clip:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    skipped = accelerator.optimizer_step_was_skipped
+                    if not skipped:
+                        scheduler.step()
+                optimizer.zero_grad()
         losses.append(loss.detach().float())
         tokens += sum(len(v) for r in rows for k, v in r.items() if k.endswith("input_ids"))  # no padding
         targets += n_targets
