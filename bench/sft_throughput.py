@@ -265,6 +265,8 @@ def main() -> dict:
             "trl_sfttrainer_defaults": trl, "trl_sfttrainer_best": trl_best,
             "speedup": ftl["tokens_per_s"] / trl["tokens_per_s"],
             "speedup_vs_trl_best": ftl["tokens_per_s"] / trl_best["tokens_per_s"],
+            "speedup_vs_trl_best_compiled": variants["compile"]["tokens_per_s"] / trl_best["tokens_per_s"],
+            "speedup_vs_trl_defaults_compiled": variants["compile"]["tokens_per_s"] / trl["tokens_per_s"],
             "ftl_variants": variants, "profile": profile, "gradient_checkpointing": checkpointing,
             "smollm2": smol, "bench_seconds": time.perf_counter() - started,
             "goals": {"vs_trl_best": ">= 1.5x", "vs_trl_defaults": ">= 2.5x", "mfu": ">= 45% of the bf16 peak"}}
