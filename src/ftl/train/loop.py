@@ -27,6 +27,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -268,8 +269,8 @@ def fit(*, accelerator, model, cfg: TrainConfig, features: list[dict], collate: 
     usable model folder (default: accelerate's model.safetensors) for the `best/` copy;
     `before_training(model)` runs on the prepared model before a fresh (not resumed) run's first step."""
     opt = _Optimization(accelerator, model, cfg, len(features), param_groups, run_dir)
-    _set_in_manifest(accelerator, run_dir, "compile", compile_blocks(accelerator, accelerator.unwrap_model(model),
-                                                                     opt.layout) if cfg.compile else {"enabled": False})
+    compiled = CompiledBlocks(accelerator, accelerator.unwrap_model(model), opt.layout) if cfg.compile else None
+    _set_in_manifest(accelerator, run_dir, "compile", compiled.info if compiled else {"enabled": False})
     total = opt.total
     watchdog = Watchdog(cfg.stall_timeout_s, run_dir, accelerator.process_index)
     evaluate = watchdog.watched(evaluate)
@@ -289,7 +290,8 @@ def fit(*, accelerator, model, cfg: TrainConfig, features: list[dict], collate: 
                 model, optimizer = opt.build(model, upcoming, step)
                 model.train()
             started = time.perf_counter()
-            done = accumulate(accelerator, model, optimizer, opt.scheduler, batches, loss_fn, cfg)
+            with compiled.active() if compiled else nullcontext():
+                done = accumulate(accelerator, model, optimizer, opt.scheduler, batches, loss_fn, cfg)
             step += 1
             record = step_record(accelerator, step, done, opt.lr(), opt.phase if opt.phased else None, started)
             watchdog.beat(step)
@@ -316,23 +318,40 @@ def fit(*, accelerator, model, cfg: TrainConfig, features: list[dict], collate: 
     return model, result
 
 
-def compile_blocks(accelerator, model, layout: controls.Layout) -> dict:
-    """train.compile: torch.compile each transformer block in place (the blocks are alike, so they share one
-    compiled graph per input shape kind; the model's head, which the chunked loss swaps per forward, and its
-    mask building stay eager). Returns what was compiled, for the manifest."""
-    if uses_deepspeed(accelerator):
-        raise RecipeError("train.compile: compiling under DeepSpeed is not supported by ftl (its ZeRO hooks gather "
-                          "parameters inside the blocks); set train.compile: false or train without launch.deepspeed")
-    if layout.block_path is None:
-        raise RecipeError(f"train.compile: ftl found no list of transformer blocks in {type(model).__name__} to "
-                          "compile; set train.compile: false")
-    blocks = model.get_submodule(layout.block_path)
-    for block in blocks:
-        block.compile(dynamic=None)  # the first new length recompiles once with dynamic shapes
-    accelerator.print(f"ftl: train.compile: {len(blocks)} blocks ({layout.block_path}) compiled with torch.compile "
-                      "(inductor); the first steps include the compile time")
-    return {"enabled": True, "blocks": len(blocks), "block_path": layout.block_path, "backend": "inductor",
-            "torch": torch.__version__}
+class CompiledBlocks:
+    """train.compile: each transformer block compiled with torch.compile (inductor). The blocks are alike, so
+    they share one compiled graph per kind of input; the model's head (which the chunked loss swaps per forward)
+    and its mask building stay eager. Compiled code runs only inside `active()`, the training steps:
+    evaluation and generation (other shapes, a KV cache) run the same blocks eagerly."""
+
+    def __init__(self, accelerator, model, layout: controls.Layout):
+        if uses_deepspeed(accelerator):
+            raise RecipeError("train.compile: compiling under DeepSpeed is not supported by ftl (its ZeRO hooks "
+                              "gather parameters inside the blocks); set train.compile: false or train without "
+                              "launch.deepspeed")
+        if layout.block_path is None:
+            raise RecipeError(f"train.compile: ftl found no list of transformer blocks in {type(model).__name__} to "
+                              "compile; set train.compile: false")
+        self.blocks = list(model.get_submodule(layout.block_path))
+        self.compiled = []
+        for block in self.blocks:
+            block.compile(dynamic=None)  # the first new sequence length recompiles once with dynamic shapes
+            self.compiled.append(block._compiled_call_impl)
+            block._compiled_call_impl = None  # eager until active()
+        accelerator.print(f"ftl: train.compile: {len(self.blocks)} blocks ({layout.block_path}) compiled with "
+                          "torch.compile (inductor) for the training steps; the first steps include the compile time")
+        self.info = {"enabled": True, "blocks": len(self.blocks), "block_path": layout.block_path,
+                     "backend": "inductor", "torch": torch.__version__}
+
+    @contextmanager
+    def active(self):
+        for block, compiled in zip(self.blocks, self.compiled):
+            block._compiled_call_impl = compiled
+        try:
+            yield
+        finally:
+            for block in self.blocks:
+                block._compiled_call_impl = None
 
 
 def _start_or_resume(accelerator, model, opt: _Optimization, stopper: controls.EarlyStopping, run_dir: Path,
