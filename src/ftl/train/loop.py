@@ -27,7 +27,6 @@ import math
 import os
 import shutil
 import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -271,6 +270,9 @@ def fit(*, accelerator, model, cfg: TrainConfig, features: list[dict], collate: 
     opt = _Optimization(accelerator, model, cfg, len(features), param_groups, run_dir)
     compiled = CompiledBlocks(accelerator, accelerator.unwrap_model(model), opt.layout) if cfg.compile else None
     _set_in_manifest(accelerator, run_dir, "compile", compiled.info if compiled else {"enabled": False})
+    if compiled:  # evaluation and generation (other shapes, a KV cache) run the blocks eagerly
+        evaluate = compiled.eagerly(evaluate) if evaluate is not None else None
+        before_training = compiled.eagerly(before_training) if before_training is not None else None
     total = opt.total
     watchdog = Watchdog(cfg.stall_timeout_s, run_dir, accelerator.process_index)
     evaluate = watchdog.watched(evaluate)
@@ -290,8 +292,7 @@ def fit(*, accelerator, model, cfg: TrainConfig, features: list[dict], collate: 
                 model, optimizer = opt.build(model, upcoming, step)
                 model.train()
             started = time.perf_counter()
-            with compiled.active() if compiled else nullcontext():
-                done = accumulate(accelerator, model, optimizer, opt.scheduler, batches, loss_fn, cfg)
+            done = accumulate(accelerator, model, optimizer, opt.scheduler, batches, loss_fn, cfg)
             step += 1
             record = step_record(accelerator, step, done, opt.lr(), opt.phase if opt.phased else None, started)
             watchdog.beat(step)
@@ -311,6 +312,8 @@ def fit(*, accelerator, model, cfg: TrainConfig, features: list[dict], collate: 
                 break
     if bar is not None:
         bar.close()
+    if compiled:
+        compiled.release()  # the stage's final evaluation, generation and save run eagerly
     result.steps = step
     if validation.stopper.enabled:
         result.early_stopping = validation.stopper.state()
@@ -321,8 +324,8 @@ def fit(*, accelerator, model, cfg: TrainConfig, features: list[dict], collate: 
 class CompiledBlocks:
     """train.compile: each transformer block compiled with torch.compile (inductor). The blocks are alike, so
     they share one compiled graph per kind of input; the model's head (which the chunked loss swaps per forward)
-    and its mask building stay eager. Compiled code runs only inside `active()`, the training steps:
-    evaluation and generation (other shapes, a KV cache) run the same blocks eagerly."""
+    and its mask building stay eager. Compiled code runs in the training steps only: evaluation and generation
+    (other shapes, a KV cache) run the same blocks eagerly (`eagerly`), and so does everything after `release`."""
 
     def __init__(self, accelerator, model, layout: controls.Layout):
         if uses_deepspeed(accelerator):
@@ -333,25 +336,28 @@ class CompiledBlocks:
             raise RecipeError(f"train.compile: ftl found no list of transformer blocks in {type(model).__name__} to "
                               "compile; set train.compile: false")
         self.blocks = list(model.get_submodule(layout.block_path))
-        self.compiled = []
         for block in self.blocks:
             block.compile(dynamic=None)  # the first new sequence length recompiles once with dynamic shapes
-            self.compiled.append(block._compiled_call_impl)
-            block._compiled_call_impl = None  # eager until active()
+        self.compiled = [block._compiled_call_impl for block in self.blocks]
         accelerator.print(f"ftl: train.compile: {len(self.blocks)} blocks ({layout.block_path}) compiled with "
                           "torch.compile (inductor) for the training steps; the first steps include the compile time")
         self.info = {"enabled": True, "blocks": len(self.blocks), "block_path": layout.block_path,
                      "backend": "inductor", "torch": torch.__version__}
 
-    @contextmanager
-    def active(self):
-        for block, compiled in zip(self.blocks, self.compiled):
-            block._compiled_call_impl = compiled
-        try:
-            yield
-        finally:
-            for block in self.blocks:
-                block._compiled_call_impl = None
+    def release(self) -> None:
+        for block in self.blocks:
+            block._compiled_call_impl = None
+
+    def eagerly(self, fn: Callable) -> Callable:
+        """fn run with the blocks eager (compiled again afterwards)."""
+        def run(*args, **kwargs):
+            self.release()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                for block, compiled in zip(self.blocks, self.compiled):
+                    block._compiled_call_impl = compiled
+        return run
 
 
 def _start_or_resume(accelerator, model, opt: _Optimization, stopper: controls.EarlyStopping, run_dir: Path,
