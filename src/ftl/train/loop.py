@@ -17,6 +17,11 @@ epoch end).
 
 A stall watchdog (ftl.train.watchdog, `train.stall_timeout_s`) is beaten at every micro-batch, optimizer step
 and evaluation: a rank that stops making progress dumps its stacks and exits instead of hanging the job.
+
+Speed: AdamW/SGD run torch's fused kernel by default (`train.optimizer_impl: auto`; the manifest's
+optimizer_builds record which), and `train.compile: true` compiles each transformer block for the training
+steps (`CompiledBlocks`). A step's parts carry torch.profiler labels (ftl.batch, ftl.forward_loss,
+ftl.backward, ftl.optimizer): bench/sft_throughput.py profiles them.
 """
 
 from __future__ import annotations
