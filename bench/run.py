@@ -24,7 +24,7 @@ def table(results: dict[str, dict]) -> str:
     if "sft_throughput" in results:
         r = results["sft_throughput"]
         ftl, trl, best = r["ftl"], r["trl_sfttrainer_defaults"], r.get("trl_sfttrainer_best")
-        model = f"{r['model_params'] / 1e6:.1f}M Llama, chatterbot chat, bf16 autocast, {r['steps']} steps"
+        model = f"{r['model_params'] / 1e6:.1f}M Llama, chatterbot chat, bf16 autocast, {r['steps']} steps, median step"
         met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
         lines.append(f"| SFT throughput vs TRL SFTTrainer defaults ({model}) | real tokens/s | "
                      f"{ftl['tokens_per_s']:.0f} (packed, {ftl['tokens_per_step']:.0f} tokens/step, chunked loss, "

@@ -2,7 +2,8 @@
 
 Same data (chatterbot-corpus English conversations), same ~11M-parameter Llama and tokenizer, same initial
 weights, same step count, one process, all measured in one run (the machine is shared: compare ratios).
-Throughput counts real (non-padding) tokens per second of training step. MFU = 6 * params * tokens/s / the
+Throughput counts real (non-padding) tokens per second of training step, at the median step time after 3
+warm-up steps; ftl's default and TRL's best run twice, alternating, and the faster run counts. MFU = 6 * params * tokens/s / the
 bf16 matmul peak measured at the start of the run.
 
 Rows:
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +38,7 @@ BATCH, MAX_LENGTH = 2, 256
 CHECKPOINTING_BATCH, CHECKPOINTING_STEPS = 32, 6  # ftl plan: auto turns checkpointing on here (33% of the peak)
 SMOLLM2_STEPS = 6
 PROFILE_SKIP, PROFILE_STEPS = 4, 5
+REPEATS = 2  # ftl's default and TRL's best settings run this often (alternating); the faster run counts
 
 
 def matmul_peak_gflops(dtype: torch.dtype, size: int = 1024, repeats: int = 20) -> float:
@@ -65,6 +68,20 @@ def recipe_dict(out: Path, name: str = "ftl", train: dict | None = None, model: 
     }
 
 
+def rates(tokens: list[int], seconds: list[float]) -> dict:
+    """Real tokens per second at the median step time (robust to another process taking the shared CPU for a
+    few steps), and at the mean step time."""
+    per_step, median = sum(tokens) / len(tokens), statistics.median(seconds)
+    return {"tokens_per_s": per_step / median, "tokens_per_s_mean_step": sum(tokens) / sum(seconds),
+            "tokens_per_step": per_step, "seconds_per_step": median, "timed_steps": len(seconds)}
+
+
+def best_of(runs: list) -> dict:
+    """The fastest of repeated runs (each measured the same way), with every run's rate kept."""
+    best = max(runs, key=lambda r: r["tokens_per_s"])
+    return {**best, "repeats_tokens_per_s": [r["tokens_per_s"] for r in runs]}
+
+
 def run_ftl(out: Path, name: str, train: dict | None = None, model: dict | None = None,
             warmup: int = WARMUP) -> dict:
     import yaml
@@ -79,10 +96,8 @@ def run_ftl(out: Path, name: str, train: dict | None = None, model: dict | None 
     rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r and "step_time" in r]
     timed = steps[warmup:]
-    tokens, seconds = sum(r["tokens"] for r in timed), sum(r["step_time"] for r in timed)
     manifest = json.loads((out / name / "manifest.json").read_text())
-    return {"tokens_per_s": tokens / seconds, "tokens_per_step": tokens / len(timed),
-            "seconds_per_step": seconds / len(timed), "final_loss": steps[-1]["loss"],
+    return {**rates([r["tokens"] for r in timed], [r["step_time"] for r in timed]), "final_loss": steps[-1]["loss"],
             "losses": [r["loss"] for r in steps], "first_steps_seconds": [r["step_time"] for r in steps[:warmup]],
             "command_seconds": wall, "settings": {**(train or {}), **({"model": model} if model else {})},
             "optimizer": manifest["optimizer_builds"][0].get("implementation"),
@@ -138,10 +153,8 @@ def run_trl(out: Path, best: bool) -> dict:
                          processing_class=tokenizer, callbacks=[timer])
     trainer.data_collator = counting_collator(trainer.data_collator)
     trainer.train()
-    tokens, seconds = sum(real_tokens[WARMUP:STEPS]), sum(timer.step_times[WARMUP:])
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"tokens_per_s": tokens / seconds, "tokens_per_step": tokens / (STEPS - WARMUP),
-            "seconds_per_step": seconds / (STEPS - WARMUP), "final_loss": losses[-1],
+    return {**rates(real_tokens[WARMUP:STEPS], timer.step_times[WARMUP:]), "final_loss": losses[-1],
             "settings": {"bf16": config.bf16, "packing": config.packing,
                          "packing_strategy": config.packing_strategy if config.packing else None,
                          "padding_free": config.padding_free, "max_length": config.max_length,
@@ -230,8 +243,11 @@ def main() -> dict:
         out = Path(tmp)
         peak = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
         trl = run_trl(out, best=False)
-        trl_best = run_trl(out, best=True)
-        ftl = run_ftl(out, "ftl")
+        runs = {"trl_best": [], "ftl": []}
+        for i in range(REPEATS):  # alternating, so a busy spell of the shared machine hits both
+            runs["trl_best"].append(run_trl(out, best=True))
+            runs["ftl"].append(run_ftl(out, f"ftl_{i}"))
+        trl_best, ftl = best_of(runs["trl_best"]), best_of(runs["ftl"])
         variants = {"optimizer_impl_for_loop": run_ftl(out, "ftl_for_loop", {"optimizer_impl": "for_loop"}),
                     "loss_chunk_tokens_0": run_ftl(out, "ftl_plain_loss", {"loss_chunk_tokens": 0}),
                     "compile": run_ftl(out, "ftl_compile", {"compile": True})}
