@@ -200,7 +200,7 @@ def profile_ftl(out: Path) -> dict:
                 continue
             kinds[_category(e.name)] = kinds.get(_category(e.name), 0.0) + e.self_cpu_time_total
         kinds["outside torch ops (Python, framework, profiler)"] = max(0.0, total - sum(kinds.values()))
-        parts["rest of the step (metrics, logging, checkpoint check)"] = max(0.0, total - sum(parts.values()))
+        parts["loop bookkeeping"] = max(0.0, total - sum(parts.values()))
         result.update({"steps": PROFILE_STEPS, "seconds_per_step_profiled": total / 1e6 / PROFILE_STEPS,
                        "parts": {k: v / total for k, v in sorted(parts.items(), key=lambda kv: -kv[1])},
                        "ops": {k: v / total for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}})
