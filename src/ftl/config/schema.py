@@ -366,6 +366,10 @@ class TrainConfig(Section):
     seed: int = 0
     lr: float = Field(2e-5, gt=0)
     optimizer: Literal["adamw", "sgd", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw"
+    optimizer_impl: Literal["auto", "fused", "foreach", "for_loop"] = Field(
+        "auto", description="how torch runs adamw/sgd: fused (one kernel over all tensors), foreach (batched ops) or "
+        "for_loop (one tensor at a time); the same update up to float rounding. auto: fused where torch has it "
+        "(adamw/sgd on CPU or CUDA, not under DeepSpeed), else torch's default; the manifest records the choice")
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     scheduler: Literal["constant", "linear", "cosine"] = "linear"
@@ -380,6 +384,10 @@ class TrainConfig(Section):
         "many tokens, each recomputed in backward, so the full-vocabulary logits never exist at once (same loss "
         "and gradients); 0: plain (all logits at once, needed for models that soft-cap or scale their logits)")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = Field(
+        False, description="torch.compile each transformer block (inductor; the first steps pay the compile time): "
+        "faster steps, losses equal to uncompiled ones up to float rounding; recorded in the manifest and fixed "
+        "for the run (--resume refuses a change)")
     log_every: int = Field(1, gt=0)
     save_every: Optional[int] = Field(None, gt=0, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(2, gt=0)

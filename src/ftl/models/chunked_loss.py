@@ -5,8 +5,9 @@ small model with a large vocabulary (SmolLM2: 49,152 tokens) those logits, their
 and its gradient dominate training memory. Here the model's body runs once as usual, but its output head is
 replaced, for that one forward, by a module that applies the real head to chunks of `chunk_tokens` positions
 and reduces each chunk at once to what the caller needs (a token's loss, a token's log-probability and the
-entropy). Each chunk runs under non-reentrant activation checkpointing: backward recomputes that chunk's logits,
-so at any time only one chunk's logits (and their gradient) exist. Only positions that count get logits: the
+entropy). Each chunk but the last runs under non-reentrant activation checkpointing: backward recomputes that
+chunk's logits, so at any time only one chunk's logits (and their gradient) exist (the last chunk's are kept:
+backward starts with them). Only positions that count get logits: the
 labelled ones for a loss, the response for log-probabilities.
 
 Why replace the head inside the forward rather than ask for hidden states and apply the head afterwards:
@@ -133,9 +134,13 @@ def _chunked(fn, head, rows: torch.Tensor, *per_row: torch.Tensor, chunk_tokens:
     """fn(head, rows[s], *[t[s] for t in per_row], *extra) over chunks, concatenated; each chunk recomputed in
     backward (its logits are not kept)."""
     outputs = []
-    for s in chunk_slices(rows.shape[0], chunk_tokens, head):
+    slices = chunk_slices(rows.shape[0], chunk_tokens, head)
+    for i, s in enumerate(slices):
         args = (head, rows[s], *(t[s] for t in per_row), *extra)
-        if torch.is_grad_enabled():
+        # The last chunk keeps its logits for backward instead of recomputing them: backward starts with it,
+        # right after the forward, so its logits would be rebuilt at once anyway (the same peak, one head pass
+        # and softmax fewer, the same gradients).
+        if torch.is_grad_enabled() and i < len(slices) - 1:
             outputs.append(torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False))
         else:
             outputs.append(fn(*args))

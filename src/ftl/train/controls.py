@@ -359,7 +359,8 @@ def check_loop_controls(recipe) -> None:
         return
     t = recipe.train
     for key, used in (("train.layer_lr", layer_lr_active(t)), ("train.unfreeze", bool(t.unfreeze)),
-                      ("train.early_stopping.metric", t.early_stopping.metric is not None)):
+                      ("train.early_stopping.metric", t.early_stopping.metric is not None),
+                      ("train.compile", t.compile), ("train.optimizer_impl", t.optimizer_impl != "auto")):
         if used:
             raise RecipeError(f"{key} is not available in stage '{recipe.stage}' (it trains outside ftl's shared "
                               "loop); use it with sft, reward, classify or upft")

@@ -17,6 +17,11 @@ epoch end).
 
 A stall watchdog (ftl.train.watchdog, `train.stall_timeout_s`) is beaten at every micro-batch, optimizer step
 and evaluation: a rank that stops making progress dumps its stacks and exits instead of hanging the job.
+
+Speed: AdamW/SGD run torch's fused kernel by default (`train.optimizer_impl: auto`; the manifest's
+optimizer_builds record which), and `train.compile: true` compiles each transformer block for the training
+steps (`CompiledBlocks`). A step's parts carry torch.profiler labels (ftl.batch, ftl.forward_loss,
+ftl.backward, ftl.optimizer): bench/sft_throughput.py profiles them.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
+from torch.profiler import record_function
 
 from ftl.config.schema import TrainConfig
 from ftl.console import metrics_line
@@ -65,14 +71,16 @@ class FitResult:
 
 
 def build_optimizer(model, cfg: TrainConfig, param_groups=None, offloaded: bool = False,
-                    lr: Optional[float] = None):
+                    lr: Optional[float] = None, deepspeed: bool = False):
     params = param_groups or [p for p in model.parameters() if p.requires_grad]
     lr = cfg.lr if lr is None else lr
+    impl = _IMPL_FLAGS.get(optimizer_impl(cfg, params, deepspeed or offloaded), {})
     if offloaded:  # ZeRO-Offload steps on the CPU with DeepSpeed's own Adam (compiled once, cached)
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # local: importing deepspeed costs seconds
 
-        if cfg.optimizer != "adamw":
-            raise ValueError("optimizer offload supports train.optimizer 'adamw' only")
+        if cfg.optimizer != "adamw" or cfg.optimizer_impl != "auto":
+            raise RecipeError("optimizer offload runs DeepSpeed's CPU Adam: it supports train.optimizer 'adamw' with "
+                              "train.optimizer_impl 'auto' only")
         return DeepSpeedCPUAdam(params, lr=lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
                                 adamw_mode=True)
     if cfg.optimizer in BNB_OPTIMIZERS:  # 8-bit / paged optimizers (paged ones fall back to unpaged on CPU)
@@ -81,8 +89,32 @@ def build_optimizer(model, cfg: TrainConfig, param_groups=None, offloaded: bool 
         return getattr(bnb.optim, BNB_OPTIMIZERS[cfg.optimizer])(
             params, lr=lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
+        return torch.optim.SGD(params, lr=lr, weight_decay=cfg.weight_decay, **impl)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), **impl)
+
+
+_IMPL_FLAGS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False},
+               "torch default": {}}
+
+
+def optimizer_impl(cfg: TrainConfig, params=(), deepspeed: bool = False) -> str:
+    """train.optimizer_impl as this run uses it for a torch adamw/sgd: auto is fused where torch has a fused
+    kernel for every parameter's device (CPU and CUDA), except under DeepSpeed, whose engine hands the optimizer
+    its own flattened partitions (torch's default there); 'n/a' for optimizers that have no such choice."""
+    if cfg.optimizer not in ("adamw", "sgd"):
+        if cfg.optimizer_impl != "auto":
+            raise RecipeError(f"train.optimizer_impl: {cfg.optimizer_impl!r} applies to train.optimizer adamw or sgd, "
+                              f"not {cfg.optimizer!r}; leave it at auto")
+        return "n/a"
+    if cfg.optimizer_impl != "auto":
+        return cfg.optimizer_impl
+    if deepspeed:
+        return "torch default"
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    supported = set(_get_fused_kernels_supported_devices())
+    return "fused" if all(t.device.type in supported and t.is_floating_point() for t in tensors) else "torch default"
 
 
 def build_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
@@ -177,14 +209,16 @@ class _Optimization:
             groups = [controls.Group(f"group.{i}", g.get("lr", phase.lr) if isinstance(g, dict) else phase.lr,
                                      [names[id(p)] for p in (g["params"] if isinstance(g, dict) else [g])])
                       for i, g in enumerate(self.caller_groups)]
-            optimizer = build_optimizer(unwrapped, cfg, self.caller_groups, offloaded=offloads_optimizer(acc))
+            optimizer = build_optimizer(unwrapped, cfg, self.caller_groups, offloaded=offloads_optimizer(acc),
+                                        deepspeed=uses_deepspeed(acc))
         else:
             groups = controls.param_groups(self.layout, trainable, phase.lr, cfg)
             if not any(g.names for g in groups):
                 raise RecipeError("nothing to train: the method and train.freeze leave no trainable parameter")
             torch_groups = ([{"params": [params[n] for n in g.names], "lr": g.lr} for g in groups]
                             if (self.phased or self.grouped) else None)  # None: the plain trainable list
-            optimizer = build_optimizer(unwrapped, cfg, torch_groups, offloaded=offloads_optimizer(acc), lr=phase.lr)
+            optimizer = build_optimizer(unwrapped, cfg, torch_groups, offloaded=offloads_optimizer(acc), lr=phase.lr,
+                                        deepspeed=uses_deepspeed(acc))
         # the logged "lr" follows the phase's (or train.lr's) base rate even when group 0 runs at another
         self.base_ratio = phase.lr / groups[0].lr if self.caller_groups is None and groups[0].lr else 1.0
         self.scheduler_slot.scheduler = build_scheduler(optimizer, cfg, phase.steps)
@@ -194,7 +228,8 @@ class _Optimization:
         build = {"step": step, "phase": phase_index, "phase_steps": [phase.start + 1, phase.end],
                  "top_blocks": (phase.top_blocks if phase.top_blocks is not None else "all") if self.phased else None,
                  "trainable_tensors": sum(g["tensors"] for g in described),
-                 "trainable_params": sum(g["params"] for g in described), "groups": described}
+                 "trainable_params": sum(g["params"] for g in described), "groups": described,
+                 "implementation": _implementation_of(optimizer)}
         where = (f"unfreeze phase {phase_index + 1}/{len(self.phases)} (steps {phase.start + 1}-{phase.end}): "
                  if self.phased else "")
         acc.print(f"ftl: optimizer {where}{build['trainable_params']:,} parameters in {len(described)} "
@@ -202,6 +237,17 @@ class _Optimization:
         _append_to_manifest(acc, self.run_dir, "optimizer_builds", build)
         self.builds.append(build)
         return model, optimizer
+
+
+def _implementation_of(optimizer) -> str:
+    """How the built optimizer runs its update (what train.optimizer_impl resolved to), for the manifest."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+    defaults = getattr(inner, "defaults", {})
+    if not isinstance(inner, (torch.optim.AdamW, torch.optim.SGD)):
+        return type(inner).__name__
+    if defaults.get("fused"):
+        return "fused"
+    return {True: "foreach", False: "for_loop"}.get(defaults.get("foreach"), "torch default")
 
 
 class _SchedulerSlot:
@@ -227,6 +273,11 @@ def fit(*, accelerator, model, cfg: TrainConfig, features: list[dict], collate: 
     usable model folder (default: accelerate's model.safetensors) for the `best/` copy;
     `before_training(model)` runs on the prepared model before a fresh (not resumed) run's first step."""
     opt = _Optimization(accelerator, model, cfg, len(features), param_groups, run_dir)
+    compiled = CompiledBlocks(accelerator, accelerator.unwrap_model(model), opt.layout) if cfg.compile else None
+    _set_in_manifest(accelerator, run_dir, "compile", compiled.info if compiled else {"enabled": False})
+    if compiled:  # evaluation and generation (other shapes, a KV cache) run the blocks eagerly
+        evaluate = compiled.eagerly(evaluate) if evaluate is not None else None
+        before_training = compiled.eagerly(before_training) if before_training is not None else None
     total = opt.total
     watchdog = Watchdog(cfg.stall_timeout_s, run_dir, accelerator.process_index)
     evaluate = watchdog.watched(evaluate)
@@ -266,11 +317,52 @@ def fit(*, accelerator, model, cfg: TrainConfig, features: list[dict], collate: 
                 break
     if bar is not None:
         bar.close()
+    if compiled:
+        compiled.release()  # the stage's final evaluation, generation and save run eagerly
     result.steps = step
     if validation.stopper.enabled:
         result.early_stopping = validation.stopper.state()
         result.stopped_early = validation.stopper.stopped
     return model, result
+
+
+class CompiledBlocks:
+    """train.compile: each transformer block compiled with torch.compile (inductor). The blocks are alike, so
+    they share one compiled graph per kind of input; the model's head (which the chunked loss swaps per forward)
+    and its mask building stay eager. Compiled code runs in the training steps only: evaluation and generation
+    (other shapes, a KV cache) run the same blocks eagerly (`eagerly`), and so does everything after `release`."""
+
+    def __init__(self, accelerator, model, layout: controls.Layout):
+        if uses_deepspeed(accelerator):
+            raise RecipeError("train.compile: compiling under DeepSpeed is not supported by ftl (its ZeRO hooks "
+                              "gather parameters inside the blocks); set train.compile: false or train without "
+                              "launch.deepspeed")
+        if layout.block_path is None:
+            raise RecipeError(f"train.compile: ftl found no list of transformer blocks in {type(model).__name__} to "
+                              "compile; set train.compile: false")
+        self.blocks = list(model.get_submodule(layout.block_path))
+        for block in self.blocks:
+            block.compile(dynamic=None)  # the first new sequence length recompiles once with dynamic shapes
+        self.compiled = [block._compiled_call_impl for block in self.blocks]
+        accelerator.print(f"ftl: train.compile: {len(self.blocks)} blocks ({layout.block_path}) compiled with "
+                          "torch.compile (inductor) for the training steps; the first steps include the compile time")
+        self.info = {"enabled": True, "blocks": len(self.blocks), "block_path": layout.block_path,
+                     "backend": "inductor", "torch": torch.__version__}
+
+    def release(self) -> None:
+        for block in self.blocks:
+            block._compiled_call_impl = None
+
+    def eagerly(self, fn: Callable) -> Callable:
+        """fn run with the blocks eager (compiled again afterwards)."""
+        def run(*args, **kwargs):
+            self.release()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                for block, compiled in zip(self.blocks, self.compiled):
+                    block._compiled_call_impl = compiled
+        return run
 
 
 def _start_or_resume(accelerator, model, opt: _Optimization, stopper: controls.EarlyStopping, run_dir: Path,
@@ -331,18 +423,22 @@ def accumulate(accelerator, model, optimizer, scheduler, batches, loss_fn: LossF
     unless fp16's loss scaler skipped that update (the schedule then waits for the next real update)."""
     losses, tokens, targets, skipped = [], 0, 0, False
     for _ in range(cfg.grad_accum):
-        epoch, rows, batch = next(batches)
+        with record_function("ftl.batch"):  # the labels name a step's parts in a torch.profiler trace
+            epoch, rows, batch = next(batches)
         with accelerator.accumulate(model):
-            loss, n_targets = loss_fn(model, batch)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            if accelerator.sync_gradients:
-                skipped = accelerator.optimizer_step_was_skipped
-                if not skipped:
-                    scheduler.step()
-            optimizer.zero_grad()
+            with record_function("ftl.forward_loss"):
+                loss, n_targets = loss_fn(model, batch)
+            with record_function("ftl.backward"):
+                accelerator.backward(loss)
+            with record_function("ftl.optimizer"):
+                if accelerator.sync_gradients and cfg.grad_clip:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    skipped = accelerator.optimizer_step_was_skipped
+                    if not skipped:
+                        scheduler.step()
+                optimizer.zero_grad()
         losses.append(loss.detach().float())
         tokens += sum(len(v) for r in rows for k, v in r.items() if k.endswith("input_ids"))  # no padding
         targets += n_targets

@@ -24,10 +24,13 @@ from ftl.run_dir import CONTRACT_FILE
 # Safe to change on resume: how a run is evaluated, tracked, saved, named and launched (not how many
 # ranks: the data order depends on the world size), a longer train.max_steps (checked separately), and the
 # loss's chunk size (the same loss and gradients, less memory: lower it and resume after running out; runs
-# started before the key existed resume too).
+# started before the key existed resume too), and how torch runs the optimizer's update (train.optimizer_impl:
+# fused, foreach and single-tensor AdamW/SGD compute the same update up to float rounding and share one state
+# layout, so a checkpoint of one continues in another). Not train.compile: compiled blocks round differently
+# from eager ones, so switching it mid-run would make a curve no single setting produces.
 ALLOWED = ("name", "description", "profile", "profiles.*", "eval.*", "track.*", "compare.*",
            "train.save_every", "train.keep_checkpoints", "train.log_every", "train.max_steps",
-           "train.loss_chunk_tokens",
+           "train.loss_chunk_tokens", "train.optimizer_impl",
            "train.stall_timeout_s", "train.early_stopping.patience", "launch.launcher", "launch.config_file",
            "launch.env.*", "launch.main_process_port", "launch.device_memory_gb", "launch.cpus_per_task",
            "launch.mem")
