@@ -201,6 +201,7 @@ class Estimate:
     host: float = 0.0        # offloaded bytes per device, held in CPU memory
     # what training holds beside the model states (filled when a Workload is given)
     autocast_copies: float = 0.0   # 16-bit copies of fp32 linear weights saved for backward under autocast
+                                   # (frozen ones under checkpointing: one block's, recomputed in backward)
     activations: float = 0.0       # saved for backward in the model's layers, one micro-batch
     optimizer_step: float = 0.0    # AdamW's step: a temporary the size of its second moments (foreach sqrt)
     logits: float = 0.0            # the loss's logits, their fp32 copies and gradients
@@ -380,6 +381,10 @@ def add_workload(e: Estimate, shape: ModelShape, s: Setup, w: Workload) -> None:
     if s.precision in ("bf16", "fp16") and weight_bytes(s) == 4:  # autocast casts each linear weight once
         linear = shape.linear + (shape.lm_head if causal else 0) + (shape.vocab_size * shape.hidden_size
                                                                      if causal and shape.tie_word_embeddings else 0)
+        if w.checkpointing and s.method != "full":
+            # a frozen weight's cast is not cached (autocast caches only leaves that require grad) and, under
+            # checkpointing, not saved for backward either: one block's copies exist at a time
+            linear = linear / max(shape.num_hidden_layers, 1)
         e.autocast_copies = 2 * linear / (s.devices if s.zero_stage >= 3 else 1)
     if w.rl is not None:
         tokens = _add_rl(e, shape, s, w, lora)
