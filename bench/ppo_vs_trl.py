@@ -175,7 +175,7 @@ def compare(models: dict, method: str, steps: int, out: Path) -> dict:
             "ratio_command": ftl["episodes_per_second_command"] / trl["episodes_per_second_command"]}
 
 
-def main(profiles=("tiny",)) -> dict:
+def main(profiles=("tiny", "smollm2")) -> dict:
     ensure_trl()
     result = {"name": "ppo_vs_trl", "trl_version": TRL_VERSION, "settings": SETTINGS, "goal": ">= 1.5x",
               "goal_measure": "ftl loop episodes/s ÷ TRL loop episodes/s without its gc.collect() time",
@@ -190,7 +190,8 @@ def main(profiles=("tiny",)) -> dict:
             result["runs"][f"tiny-{method}"] = compare(models, method, STEPS["tiny"], out)
         if "smollm2" in profiles:
             big = smollm2_models(out, models["prompts"])
-            result["runs"]["smollm2-lora"] = compare(big, "lora", STEPS["smollm2"], out)
+            for method in ("full", "lora"):
+                result["runs"][f"smollm2-{method}"] = compare(big, method, STEPS["smollm2"], out)
     return result
 
 
@@ -222,4 +223,4 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["ftl-run"]:
         ftl_run(sys.argv[2], sys.argv[3:])
     else:
-        print(json.dumps(main(tuple(sys.argv[1:]) or ("tiny",)), indent=1))
+        print(json.dumps(main(tuple(sys.argv[1:]) or ("tiny", "smollm2")), indent=1))

@@ -13,7 +13,8 @@ from ftl.models.tiny import build_tiny_model, train_tiny_tokenizer
 from ftl.rl import maths
 from ftl.rl.reference import Reference
 from ftl.rl.reward import RewardFunction
-from ftl.rl.rollout import collect, response_logprobs, reuses_generation, sample_responses
+from ftl.rl.rollout import (collect, response_logprobs, response_values, reuses_generation, sample_responses,
+                             trimmed)
 
 ATOL = 2e-5
 CHUNK = 7  # several chunks per batch on the chunked path
@@ -122,3 +123,30 @@ def test_policy_loss_ignores_masked_log_ratios():
     loss.backward()
     assert torch.isfinite(loss) and loss.item() == pytest.approx(-torch.exp(torch.tensor(-0.1)).item())
     assert clip.item() == 0.0 and new.grad[0, 1:].eq(0).all() and new.grad[0, 0] != 0
+
+
+def test_mini_batches_run_on_the_columns_they_use(tokenizer):
+    """ppo_step drops the left padding all of a mini-batch's rows share and the columns after every row's end
+    (ftl.rl.rollout.trimmed): each real token's log-probability and value stay those of the whole batch."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = policy(tokenizer, "full")
+    torch.manual_seed(1)
+    value_model = AutoModelForSequenceClassification.from_config(model.config.__class__(
+        **{**model.config.to_dict(), "num_labels": 1})).eval()
+    torch.manual_seed(0)
+    r = sample_responses(model, tokenizer, PROMPTS, SamplingConfig(max_new_tokens=12, temperature=0.9), "cpu")
+    rows = torch.tensor([0, 3, 5])  # short prompts: the long ones' padding columns go
+    seq, mask, pos = r.sequences[rows], r.attention_mask[rows], r.position_ids[rows]
+    t_seq, t_mask, t_pos, t_prompt, width = trimmed(seq, mask, pos, r.prompt_length)
+    assert t_seq.shape[1] < seq.shape[1] and t_prompt < r.prompt_length
+    assert width == int(r.mask[rows].sum(-1).max())
+    real = r.mask[rows, :width].bool()
+    with torch.no_grad():
+        for chunk in (0, CHUNK):
+            whole = response_logprobs(model, seq, mask, pos, r.prompt_length, 0.9, chunk_tokens=chunk)[:, :width]
+            part = response_logprobs(model, t_seq, t_mask, t_pos, t_prompt, 0.9, chunk_tokens=chunk)
+            torch.testing.assert_close(part[real], whole[real], atol=ATOL, rtol=0)
+        whole = response_values(value_model, seq, mask, pos, r.prompt_length)[:, :width]
+        part = response_values(value_model, t_seq, t_mask, t_pos, t_prompt)
+        torch.testing.assert_close(part[real], whole[real], atol=ATOL, rtol=0)

@@ -99,12 +99,34 @@ def reuses_generation(model, rows: int, sampling: SamplingConfig, chunk_tokens: 
         return f"{rows} x {sampling.max_new_tokens} generated logits exceed a loss chunk of {chunk_tokens} tokens"
     if hasattr(model, "_original_forward"):
         return "mixed precision (autocast wraps the model's forward)"
-    peft = getattr(model, "active_peft_config", None)
-    if peft is not None and getattr(peft, "is_prompt_learning", False):
+    if ignores_position_ids(model):
         return "a prompt-learning method (its forward ignores position ids)"
     if any(p.dtype != torch.float32 for p in model.parameters()):
         return "parameters that are not fp32"
     return None
+
+
+def ignores_position_ids(model) -> bool:
+    """A PEFT prompt-learning model (prompt/prefix tuning, P-tuning): its forward drops the position ids it is
+    given, so a token's position is its column — removing padding columns would move it."""
+    model = getattr(model, "module", model)  # DDP / DeepSpeed engine
+    peft = getattr(model, "active_peft_config", None)
+    return bool(peft is not None and getattr(peft, "is_prompt_learning", False))
+
+
+def trimmed(sequences, attention_mask, position_ids, prompt_length: int):
+    """The columns of a batch that some row attends to: the left padding all rows share and the response
+    columns after every row's end are dropped. Returns (sequences, attention_mask, position_ids, prompt_length,
+    response columns kept — the first ones). Real tokens keep their position ids and see the same tokens, so
+    their log-probabilities and values are those of the untrimmed batch (not for a model that ignores
+    position ids: see ignores_position_ids)."""
+    used = attention_mask.any(0)
+    first = min(int(used[:prompt_length].long().argmax()), prompt_length - 1)  # argmax: first True (0 if none)
+    response_used = used[prompt_length:].nonzero()
+    kept = int(response_used.max()) + 1 if len(response_used) else 1
+    end = prompt_length + kept
+    return (sequences[:, first:end], attention_mask[:, first:end], position_ids[:, first:end],
+            prompt_length - first, kept)
 
 
 def generated_logprobs(step_logits, response: torch.Tensor, temperature: float) -> torch.Tensor:
