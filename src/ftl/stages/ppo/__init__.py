@@ -173,7 +173,8 @@ class PPOModels:
         t = recipe.train
         modules = [policy] + ([value] if value is not None else [])
         params = [p for m in modules for p in m.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
+        optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas),
+                                      fused=not is_sharded(acc))  # fused: 2-3x faster on CPU; ZeRO-3 keeps its own
         if self.sharded:
             engine, self.optimizer = acc.prepare(PolicyAndValue(policy, value), optimizer)
             self.policy, self.value, self.trained = engine.module.policy, engine.module.value, engine
