@@ -191,9 +191,11 @@ def main(profiles=("tiny", "smollm2")) -> dict:
         for method in ("full", "lora"):
             result["runs"][f"tiny-{method}"] = compare(models, method, STEPS["tiny"], out)
         if "smollm2" in profiles:
-            big = smollm2_models(out, models["prompts"])
+            big_out = out / "smollm2"  # its own reward model and run folders
+            big_out.mkdir()
+            big = smollm2_models(big_out, models["prompts"])
             for method in ("full", "lora"):
-                result["runs"][f"smollm2-{method}"] = compare(big, method, STEPS["smollm2"], out)
+                result["runs"][f"smollm2-{method}"] = compare(big, method, STEPS["smollm2"], big_out)
     return result
 
 
