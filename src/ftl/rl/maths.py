@@ -66,8 +66,11 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range: float):
-    """Clipped surrogate; returns (loss, fraction of tokens where clipping was active)."""
-    ratio = torch.exp(logprobs - old_logprobs)
+    """Clipped surrogate; returns (loss, fraction of tokens where clipping was active). The ratio is 1 on
+    masked tokens: old log-probabilities taken from generation differ from a forward's after a response's EOS
+    (generate attends to the padding it emits there), and exp of that difference must not overflow into the
+    masked sum (inf x 0 is nan)."""
+    ratio = torch.exp(torch.where(mask > 0, logprobs - old_logprobs, torch.zeros_like(logprobs)))
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
     loss = masked_mean(torch.max(unclipped, clipped), mask)

@@ -24,7 +24,7 @@ from ftl.rl.advantages import ESTIMATORS, advantages as estimate_advantages
 from ftl.rl.compare import compare_policies
 from ftl.rl.reference import Reference
 from ftl.rl.reward import load_reward
-from ftl.rl.rollout import Rollout, collect, response_logprobs, response_values
+from ftl.rl.rollout import Rollout, collect, ignores_position_ids, response_logprobs, response_values, trimmed
 from ftl.stages.session import RunSession
 from ftl.train.checkpoint import latest_checkpoint, load_checkpoint
 from ftl.train.distributed import is_sharded
@@ -60,21 +60,26 @@ def ppo_step(accelerator, policy, value_model, optimizer, rollout: Rollout, adva
     policy.train()
     if value_model is not None:
         value_model.train()
+    # a mini-batch runs on the columns its rows use (exact: see trimmed), unless the policy ignores position ids
+    trim = not ignores_position_ids(policy)
     for epoch in range(cfg.ppo_epochs):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
         for start in range(0, n, cfg.mini_batch):
             idx = order[start:start + cfg.mini_batch].to(rollout.sequences.device)
             seq, mask, pos = rollout.sequences[idx], rollout.attention_mask[idx], rollout.position_ids[idx]
-            resp_mask = rollout.response_mask[idx]
-            logprobs, entropy = response_logprobs(policy, seq, mask, pos, rollout.prompt_length, rollout.temperature,
+            prompt_length, width = rollout.prompt_length, seq.shape[1] - rollout.prompt_length
+            if trim:
+                seq, mask, pos, prompt_length, width = trimmed(seq, mask, pos, prompt_length)
+            resp_mask = rollout.response_mask[idx, :width]
+            logprobs, entropy = response_logprobs(policy, seq, mask, pos, prompt_length, rollout.temperature,
                                                   with_entropy=True, chunk_tokens=chunk_tokens)
-            pg_loss, clip_fraction = maths.policy_loss(logprobs, rollout.logprobs[idx], advantages[idx], resp_mask,
-                                                       cfg.clip_range)
+            pg_loss, clip_fraction = maths.policy_loss(logprobs, rollout.logprobs[idx, :width],
+                                                       advantages[idx, :width], resp_mask, cfg.clip_range)
             loss = pg_loss
             if value_model is not None:
-                values = response_values(value_model, seq, mask, pos, rollout.prompt_length)
-                vf_loss, vf_clip = maths.value_loss(values, rollout.values[idx], returns[idx], resp_mask,
-                                                    cfg.clip_range_value)
+                values = response_values(value_model, seq, mask, pos, prompt_length)
+                vf_loss, vf_clip = maths.value_loss(values, rollout.values[idx, :width], returns[idx, :width],
+                                                    resp_mask, cfg.clip_range_value)
                 loss = pg_loss + cfg.vf_coef * vf_loss
             accelerator.backward(loss)
             if grad_clip:
@@ -168,7 +173,8 @@ class PPOModels:
         t = recipe.train
         modules = [policy] + ([value] if value is not None else [])
         params = [p for m in modules for p in m.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
+        optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas),
+                                      fused=not is_sharded(acc))  # fused: 2-3x faster on CPU; ZeRO-3 keeps its own
         if self.sharded:
             engine, self.optimizer = acc.prepare(PolicyAndValue(policy, value), optimizer)
             self.policy, self.value, self.trained = engine.module.policy, engine.module.value, engine
