@@ -108,7 +108,7 @@ def test_full_policy_ppo_under_zero3_partitions_every_model_and_matches_one_proc
     for key in ("policy_loss", "value_loss", "reward", "kl", "entropy"):
         assert first[key] == pytest.approx(first_single[key], abs=TOLERANCE, rel=TOLERANCE), key
     assert abs(first["policy_loss"]) > 10 * TOLERANCE and first["value_loss"] > 10 * TOLERANCE  # not trivially 0
-    assert rows[1]["kl"] > 0  # the reference stayed where the policy started
+    assert abs(rows[1]["kl"]) > 1e-6  # the reference stayed where the policy started
 
     after = json.loads((tmp_path / "z3" / "eval.json").read_text())["after"]
     assert after["responses"] == 8 and after["kl_to_reference"] > 0  # compare_policies ran on the engines
@@ -132,5 +132,5 @@ def test_rloo_under_zero3_with_a_full_policy(start_models, tmp_path):
     held = assert_each_rank_holds_half(manifest, ["policy", "reference", "reward"])
     print("rloo, rank 0 holds (local, full):", held)
     assert len(rows) == 2 and all(r["episodes"] == 8 and "value_loss" not in r for r in rows)
-    assert rows[1]["kl"] > 0
+    assert abs(rows[1]["kl"]) > 1e-6 and rows[0]["policy_loss"] != 0
     assert (tmp_path / "rloo" / "final" / "config.json").exists()
