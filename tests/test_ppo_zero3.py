@@ -18,8 +18,9 @@ RECIPE = ROOT / "recipes" / "rlhf" / "ppo_full_zero3.yaml"
 SAME_ROLLOUT = ["sampling.top_k=1", "sampling.max_new_tokens=6", "ppo.ppo_epochs=1", "ppo.whiten_advantages=false",
                 "ppo.kl_coef=0.05", "train.max_steps=2", "train.save_every=2", "train.lr=1e-3", "eval.max_examples=2",
                 "data.limit=200", "train.seed=3"]
-# reduction order (2 ranks x 2 rows vs 4 rows) and left padding of 2 vs 4 prompts move float32 logits by ~1e-7
-TOLERANCE = 1e-4
+# reduction order (2 ranks x 2 rows vs 4 rows) and left padding of 2 vs 4 prompts move float32 results by ~1e-7
+# relative (measured: value_loss 12.038398 vs 12.038395, policy_loss 1.9540474 vs 1.9540476)
+TOLERANCE = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -112,13 +113,17 @@ def test_full_policy_ppo_under_zero3_partitions_every_model_and_matches_one_proc
 
     after = json.loads((tmp_path / "z3" / "eval.json").read_text())["after"]
     assert after["responses"] == 8 and after["kl_to_reference"] > 0  # compare_policies ran on the engines
-    assert (tmp_path / "z3" / "checkpoints").is_dir()
+    assert (tmp_path / "z3" / "checkpoints" / "step-0000002" / "COMPLETE").exists()
+    assert_final_is_the_trained_full_policy(tmp_path / "z3" / "final", start_models / "sft", held["policy"][1])
+
+
+def assert_final_is_the_trained_full_policy(final_dir, start_dir, numel):
+    """final/ is a whole causal LM (gathered from the shards) that loads on one process, moved by training."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    final = AutoModelForCausalLM.from_pretrained(tmp_path / "z3" / "final")  # the gathered policy, whole
-    start = AutoModelForCausalLM.from_pretrained(start_models / "sft")
-    assert sum(p.numel() for p in final.parameters()) == held["policy"][1]
+    final, start = AutoModelForCausalLM.from_pretrained(final_dir), AutoModelForCausalLM.from_pretrained(start_dir)
+    assert sum(p.numel() for p in final.parameters()) == numel
     moved = [n for (n, p), q in zip(final.named_parameters(), start.parameters()) if not torch.equal(p, q)]
     assert moved and all(torch.isfinite(p).all() for p in final.parameters())
 
@@ -132,5 +137,7 @@ def test_rloo_under_zero3_with_a_full_policy(start_models, tmp_path):
     held = assert_each_rank_holds_half(manifest, ["policy", "reference", "reward"])
     print("rloo, rank 0 holds (local, full):", held)
     assert len(rows) == 2 and all(r["episodes"] == 8 and "value_loss" not in r for r in rows)
-    assert abs(rows[1]["kl"]) > 1e-6 and rows[0]["policy_loss"] != 0
-    assert (tmp_path / "rloo" / "final" / "config.json").exists()
+    # step 1's policy loss is exactly 0 (ratio 1; leave-one-out advantages of k=2 samples sum to 0 per prompt):
+    # that it trained shows in the KL to the reference after one update and in the final weights
+    assert abs(rows[1]["kl"]) > 1e-6
+    assert_final_is_the_trained_full_policy(tmp_path / "rloo" / "final", start_models / "sft", held["policy"][1])
