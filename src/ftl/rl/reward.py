@@ -11,7 +11,7 @@ import torch
 
 from ftl.config.schema import Recipe
 from ftl.models.scoring import sequence_scores
-from ftl.rl.reference import load_frozen
+from ftl.rl.reference import load_frozen, load_partitioned
 
 
 class RewardFunction:
@@ -39,13 +39,18 @@ class RewardFunction:
         return torch.where(has_eos, scores, scores + self.missing_eos_penalty)
 
 
-def load_reward(recipe: Recipe, device=None) -> RewardFunction:
+def load_reward(recipe: Recipe, device=None, partitioned_by=None) -> RewardFunction:
     """The recipe's `reward:`. A reward model loads whole and frozen (ZeRO-safe), then moves to `device`;
-    with device None it stays on the CPU (PPO moves it after accelerate.prepare)."""
+    with device None it stays on the CPU (PPO moves it after accelerate.prepare). partitioned_by (an
+    accelerator under ZeRO-3, every rank calling): partitioned instead, in a frozen inference engine of its
+    own (ftl.rl.reference.load_partitioned), each rank holding its shard."""
     cfg = recipe.reward
     model = None
     if cfg.kind == "model":
-        model = load_frozen(recipe, Path(cfg.path), head="sequence_classification")
-        if device is not None:
-            model.to(device)
+        if partitioned_by is not None:
+            model = load_partitioned(partitioned_by, recipe, Path(cfg.path), head="sequence_classification")
+        else:
+            model = load_frozen(recipe, Path(cfg.path), head="sequence_classification")
+            if device is not None:
+                model.to(device)
     return RewardFunction(model, cfg.function, cfg.kwargs, cfg.missing_eos_penalty)

@@ -22,7 +22,7 @@ from ftl.models.load import load_model
 from ftl.rl import maths
 from ftl.rl.advantages import ESTIMATORS, advantages as estimate_advantages
 from ftl.rl.compare import compare_policies
-from ftl.rl.reference import Reference
+from ftl.rl.reference import Reference, load_partitioned
 from ftl.rl.reward import load_reward
 from ftl.rl.rollout import Rollout, collect, ignores_position_ids, response_logprobs, response_values, trimmed
 from ftl.stages.session import RunSession
@@ -152,23 +152,25 @@ def run_ppo(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
 
 class PPOModels:
     """The policy (the recipe's method on the base), its value model, reward and frozen reference, prepared
-    by accelerate: under ZeRO-3 policy and value share one engine (`trained`), else the policy is `trained`."""
+    by accelerate: under ZeRO-3 policy and value share one engine (`trained`), else the policy is `trained`.
+    Under ZeRO-3 every frozen model is partitioned too, each in an inference engine of its own
+    (ftl.rl.frozen_engine): a full policy's reference (a partitioned copy of the initial policy) and a reward
+    model; a LoRA-family policy's reference is its adapter-disabled self."""
 
     @classmethod
     def prepare(cls, session: RunSession, tokenizer) -> "PPOModels":
         recipe, acc = session.recipe, session.accelerator
         self = cls()
-        reference_kind = Reference.kind_for(recipe.method.kind)
+        self.sharded = is_sharded(acc)
+        reference_kind = Reference.kind_for(recipe.method.kind, self.sharded)
         with_value = ESTIMATORS[recipe.ppo.advantage].value_model
         session.record("ppo", {"reference": reference_kind, "reward": recipe.reward.kind,
                                "advantage": recipe.ppo.advantage, "samples_per_prompt": recipe.ppo.samples_per_prompt,
                                "value_model": with_value})
-        self.sharded = is_sharded(acc)
-        if self.sharded and reference_kind != "disabled_adapter":
-            raise RecipeError("PPO under ZeRO-3 needs a LoRA-family policy (method.kind lora/dora/qlora): its "
-                              "reference is the adapter-disabled model; a partitioned model cannot be copied")
+        cls.check_reference(recipe.method.kind, self.sharded)
         policy = session.prepare_model(tokenizer)
-        self.reward = load_reward(recipe)  # on the CPU until the engines are prepared
+        if not self.sharded:
+            self.reward = load_reward(recipe)  # on the CPU until the engines are prepared
         value = load_value_model(session, tokenizer) if with_value else None
         t = recipe.train
         modules = [policy] + ([value] if value is not None else [])
@@ -186,11 +188,55 @@ class PPOModels:
             self.value, self.trained = None, self.policy
         # the policy's frozen base stays out of checkpoints (policy adapter and value model are saved)
         leave_frozen_base_out(acc, modules)
-        if self.reward.model is not None:
-            self.reward.model.to(acc.device)
-        self.reference = Reference(acc, self.policy, recipe.method.kind)
         self.unwrapped_policy = acc.unwrap_model(self.policy)
+        if self.sharded:  # after the trained engine: accelerate has resolved the run's DeepSpeed config
+            self.reward = load_reward(recipe, partitioned_by=acc)
+        elif self.reward.model is not None:
+            self.reward.model.to(acc.device)
+        if reference_kind == "partitioned_copy":
+            self.reference = Reference.frozen_model(load_partitioned(acc, recipe, session.base_dir(tokenizer)),
+                                                    kind=reference_kind)
+        else:
+            self.reference = Reference(acc, self.policy, recipe.method.kind)
+        if self.sharded:
+            self.record_partitions(session)
         return self
+
+    # methods whose initial policy is the base model itself: a ZeRO-3 reference is the base loaded again
+    ZERO3_COPY_METHODS = ("full",)
+
+    @classmethod
+    def check_reference(cls, method_kind: str, sharded: bool) -> None:
+        """Under ZeRO-3 a policy needs a reference that can be built partitioned: refused otherwise."""
+        if Reference.kind_for(method_kind, sharded) == "partitioned_copy" and method_kind not in cls.ZERO3_COPY_METHODS:
+            raise RecipeError(f"method.kind {method_kind}: PPO under ZeRO-3 takes a full policy (its reference is a "
+                              "partitioned copy of the base, loaded again) or a LoRA-family one (lora/dora/qlora/"
+                              f"lora8bit: the adapter-disabled model); a {method_kind} policy's initial model is not "
+                              "the base alone: use method.kind full or lora, or drop ZeRO-3 (launch.deepspeed)")
+
+    def record_partitions(self, session: RunSession) -> None:
+        """What each rank holds of every model under ZeRO-3 (shard vs full element counts), in the manifest
+        (`ppo_partitions`, one entry per rank) and on the console."""
+        from accelerate.utils import gather_object
+
+        from ftl import run_dir as layout
+        from ftl.rl.frozen_engine import partition_numel
+        from ftl.track.manifest import update_manifest
+
+        acc = session.accelerator
+        held = {"policy": partition_numel(self.unwrapped_policy)}
+        if self.value is not None:
+            held["value"] = partition_numel(self.value)
+        if self.reference.kind == "partitioned_copy":
+            held["reference"] = partition_numel(self.reference.frozen)
+        if self.reward.model is not None:
+            held["reward"] = partition_numel(self.reward.model)
+        ranks = gather_object([{"rank": acc.process_index, **held}])
+        if acc.is_main_process:
+            update_manifest(session.run_dir / layout.MANIFEST_FILE, ppo_partitions=ranks)
+        acc.print("ftl: ZeRO-3: rank 0 holds " + ", ".join(
+            f"{name} {n['local']:,} of {n['full']:,} ({100 * n['local'] / max(n['full'], 1):.1f}%)"
+            for name, n in held.items()))
 
 
 def load_value_model(session: RunSession, tokenizer):
