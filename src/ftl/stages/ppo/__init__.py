@@ -5,7 +5,9 @@ Per iteration: sample responses (ppo.samples_per_prompt per prompt) to a batch o
 (ftl.rl.advantages: gae with a value model, whitened — PPO proper; or the critic-free rloo and reinforce_pp);
 then several PPO epochs of mini-batches with the clipped policy loss (and, for gae, the clipped value loss:
 policy and value model train together; critic-free estimators build no value model).
-A LoRA policy's reference is the same model with its adapter disabled (no second copy in memory).
+A LoRA policy's reference is the same model with its adapter disabled (no second copy in memory). Under
+ZeRO-3 a full policy's reference is a frozen copy loaded partitioned, with an inference engine of its own
+(ftl.rl.frozen_engine), and so is a reward model.
 """
 
 from __future__ import annotations
