@@ -16,7 +16,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 README = HERE.parent / "README.md"
 BENCHES = ["sft_throughput", "zero3_memory", "peft_memory", "ppo_speed", "ppo_vs_trl", "checkpoint_bytes", "loss_memory",
-           "plan_accuracy"]
+           "plan_accuracy", "sft_memory_vs_trl"]
 
 
 def table(results: dict[str, dict]) -> str:
@@ -121,6 +121,29 @@ def table(results: dict[str, dict]) -> str:
                      f"classify*, PPO; tiny and small profiles; resident-set high-water) | max relative error | "
                      f"{100 * r['max_abs_error']:.1f}% (`ftl plan --data`; worst: {worst['name']}) | "
                      f"{100 * r['max_abs_bound_error']:.0f}% (`ftl plan`, rows at data.max_length) | | <= 15% |")
+    if "sft_memory_vs_trl" in results:
+        r = results["sft_memory_vs_trl"]
+        base = r["baseline_bytes"]
+        gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+        trl_opts = r["rows"].get("trl lora best", {}).get("options") or {}
+        for m, e in r["methods"].items():
+            label = {"full": "full fine-tune", "lora": "LoRA", "qlora": "QLoRA (NF4 base)"}[m]
+            goal = {"full": "", "lora": "<= 45% of full; ", "qlora": "<= 35% of full; "}[m]
+            share = (f"; {100 * e['share_of_ftl_full']:.0f}% of ftl full "
+                     f"({100 * e['share_of_ftl_full_above_baseline']:.0f}% above baseline)") if m != "full" else ""
+            best = (f"{gib(e['trl_best_peak'])} ({gib(e['trl_best_above_baseline'])}) best options"
+                    if "trl_best_peak" in e else "best options: failed")
+            lines.append(f"| SFT peak memory per method vs TRL {r.get('trl_version', '')} SFTTrainer ({r['model']}, "
+                         f"{label}, {r['batch_size']}x{r['max_length']} packed tokens, bf16 autocast, {r['steps']} steps) "
+                         f"| peak RSS GiB (above the {gib(base['ftl'])} / {gib(base['trl'])} GiB import baseline) | "
+                         f"{gib(e['ftl_peak'])} ({gib(e['ftl_above_baseline'])}) | "
+                         f"{gib(e['trl_defaults_peak'])} ({gib(e['trl_defaults_above_baseline'])}) defaults; {best} | "
+                         f"{e['vs_trl_defaults']:.2f}x ({e['vs_trl_defaults_above_baseline']:.2f}x above baseline)"
+                         f"{share} | {goal}<= 0.6x TRL defaults; <= TRL best |")
+        if trl_opts:
+            lines.append(f"| (TRL options in the runs above) | | | defaults: bf16, gradient checkpointing, packing bfd "
+                         f"(padding-free), chunked loss; best: + activation_offloading="
+                         f"{trl_opts.get('activation_offloading')} | | |")
     return "\n".join(lines)
 
 

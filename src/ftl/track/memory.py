@@ -1,8 +1,11 @@
 """Peak memory of a run, measured in its own process(es), for the manifest and `ftl compare`.
 
-On CPU a rank's "device" memory is its resident set: the high-water mark is
-`resource.getrusage(RUSAGE_SELF).ru_maxrss` (Linux reports KiB, macOS bytes), and the current resident
-size is read from /proc/self/statm. On GPU it is `torch.cuda.max_memory_allocated()`: tensors only, not
+On CPU a rank's "device" memory is its resident set: the high-water mark is the kernel's `VmHWM` for this
+process's address space (/proc/self/status), and the current resident size is read from /proc/self/statm.
+Not `getrusage(RUSAGE_SELF).ru_maxrss`: Linux carries that across exec, so a run started by a large
+process (a Python that had imported torch, forking or vfork-ing the launcher) starts with its parent's
+high-water mark (measured: 0.45-1.0 GB in runs whose own peak before loading a model was 0.43 GB). Where
+/proc is missing (macOS) it is ru_maxrss (bytes there). On GPU it is `torch.cuda.max_memory_allocated()`: tensors only, not
 the CUDA context or the caching allocator's reserve. Marks taken along the run (after the runtime is
 imported, after the data, after the model loads, after training) keep the current figure and the peak so
 far, so the runtime baseline and the model's weights can be told apart from what training adds.
@@ -17,12 +20,19 @@ import resource
 import sys
 from typing import Optional
 
-HOST_RSS = "host RSS high-water (getrusage ru_maxrss)"
+HOST_RSS = "host RSS high-water (VmHWM)"
 CUDA_ALLOCATED = "torch.cuda.max_memory_allocated"
 
 
 def peak_rss_bytes() -> int:
-    """This process's resident-set high-water mark, in bytes."""
+    """This process's resident-set high-water mark, in bytes (since its exec: not its parent's)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 
