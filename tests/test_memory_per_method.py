@@ -50,3 +50,47 @@ def test_compare_memory_column_orders_lora_below_full(tmp_path):
     assert shown == {name: round(peak / 2**20) for name, peak in peaks.items()}
     assert shown["lora"] < shown["full"]
     assert (out / "compare.md").read_text().count("| lora |") == 1
+
+
+def test_lora_frozen_base_in_bf16_is_exact_under_bf16_autocast():
+    """LoRA at train.precision bf16 keeps its frozen linear weights in bf16 (methods/lora.py): under bf16
+    autocast the loss and every LoRA gradient are bit-identical to the fp32-stored base, the embeddings and
+    the tied head stay fp32, and a forward outside autocast still runs."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from ftl.config.schema import MethodConfig
+    from ftl.methods import apply_method
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, tie_word_embeddings=True)
+    base = AutoModelForCausalLM.from_config(config)
+    cfg = MethodConfig(kind="lora", lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    plain = apply_method(copy.deepcopy(base), cfg)
+    stored = apply_method(copy.deepcopy(base), cfg, autocast_dtype="bfloat16")
+    for model in (plain, stored):  # the same non-zero adapter in both
+        torch.manual_seed(1)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.02)
+    dtypes = {n: p.dtype for n, p in stored.named_parameters()}
+    assert dtypes["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"] == torch.bfloat16
+    assert dtypes["base_model.model.model.layers.0.mlp.down_proj.weight"] == torch.bfloat16  # not targeted: frozen
+    assert dtypes["base_model.model.model.embed_tokens.weight"] == torch.float32  # tied to the head: kept
+    assert all(p.dtype == torch.float32 for n, p in stored.named_parameters() if p.requires_grad)
+
+    ids = torch.randint(0, 300, (2, 16))
+    results = []
+    for model in (plain, stored):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    assert torch.equal(results[0][0], results[1][0])
+    assert results[0][1].keys() == results[1][1].keys()
+    assert all(torch.equal(results[0][1][n], results[1][1][n]) for n in results[0][1])
+    with torch.no_grad():  # outside autocast (greedy samples from an unwrapped PEFT model): runs, fp32 out
+        assert stored(input_ids=ids).logits.dtype == torch.float32
