@@ -62,18 +62,19 @@ def worker_baseline(kind: str) -> dict:
     return {"peak_bytes": peak_rss_bytes(), "rss_bytes": rss_bytes()}
 
 
-def ftl_overrides(method: str, out: Path) -> list[str]:
-    return ["--profile", "small", f"method.kind={method}", f"train.max_steps={STEPS}", f"train.batch_size={BATCH}",
+def ftl_overrides(method: str, out: Path, options: str = "defaults") -> list[str]:
+    extra = ["model.gradient_checkpointing=true"] if options == "checkpointing" else []
+    return ["--profile", "small", f"method.kind={method}", *extra, f"train.max_steps={STEPS}", f"train.batch_size={BATCH}",
             "train.precision=bf16", "train.optimizer=adamw", "train.save_every=null", f"data.max_length={MAX_LENGTH}",
             "eval.before_training=false", "eval.every=null", "eval.max_examples=2", "eval.batch_size=2",
             "eval.generate.prompts=[]", "eval.generate.from_validation=0", "track.plot=false",
             f"track.output_dir={out}"]
 
 
-def worker_ftl(method: str) -> dict:
+def worker_ftl(method: str, options: str = "defaults") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"ftl-{method}"
-        argv = [sys.executable, "-m", "ftl", "run", str(RECIPE), *ftl_overrides(method, out)]
+        argv = [sys.executable, "-m", "ftl", "run", str(RECIPE), *ftl_overrides(method, out, options)]
         started = time.time()
         proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
         if proc.returncode != 0:
@@ -89,7 +90,7 @@ def worker_ftl(method: str) -> dict:
                 "trainable_params": manifest["trainable"]["trainable_params"],
                 "tokens_per_step": _tokens_per_step(train), "steps": manifest.get("steps"),
                 "seconds": round(time.time() - started, 1), "command": " ".join(["ftl", "run", "recipes/sft_chat.yaml",
-                                                                                  *ftl_overrides(method, Path("OUT"))])}
+                                                                                  *ftl_overrides(method, Path("OUT"), options)])}
 
 
 def _tokens_per_step(rows: list[dict]):
@@ -161,7 +162,7 @@ def worker(argv: list[str]) -> dict:
     if kind == "baseline":
         return worker_baseline(argv[1])
     if kind == "ftl":
-        return worker_ftl(argv[1])
+        return worker_ftl(argv[1], argv[2] if len(argv) > 2 else "defaults")
     return worker_trl(argv[1], argv[2] if len(argv) > 2 else "defaults")
 
 
@@ -179,6 +180,7 @@ def run(argv: list[str]) -> dict:
 
 CONFIGS = [("baseline", "ftl"), ("baseline", "trl"),
            *(("ftl", m) for m in METHODS),
+           *(("ftl", m, "checkpointing") for m in ("lora", "qlora")),
            *(("trl", m, "defaults") for m in METHODS),
            *(("trl", m, "best") for m in METHODS)]
 
@@ -218,6 +220,19 @@ def summarise(rows: dict) -> dict:
                 entry[f"{label}_above_baseline"] = t["peak_bytes"] - base.get("trl", 0)
                 entry[f"vs_{label}"] = f["peak_bytes"] / t["peak_bytes"]
                 entry[f"vs_{label}_above_baseline"] = entry["ftl_above_baseline"] / entry[f"{label}_above_baseline"]
+        c = rows.get(f"ftl {m} checkpointing", {})
+        if "peak_bytes" in c:  # ftl with model.gradient_checkpointing=true (as TRL's defaults have it)
+            entry["ftl_checkpointing_peak"] = c["peak_bytes"]
+            entry["ftl_checkpointing_above_baseline"] = c["peak_bytes"] - base.get("ftl", 0)
+            if full:
+                entry["checkpointing_share_of_ftl_full"] = c["peak_bytes"] / full
+                entry["checkpointing_share_of_ftl_full_above_baseline"] = \
+                    entry["ftl_checkpointing_above_baseline"] / (full - base.get("ftl", 0))
+            for label, t in (("trl_defaults", d), ("trl_best", b)):
+                if "peak_bytes" in t:
+                    entry[f"checkpointing_vs_{label}"] = c["peak_bytes"] / t["peak_bytes"]
+                    entry[f"checkpointing_vs_{label}_above_baseline"] = \
+                        entry["ftl_checkpointing_above_baseline"] / entry[f"{label}_above_baseline"]
         out["methods"][m] = entry
     out["goals_met"] = goals_met(out)
     return out
@@ -232,7 +247,16 @@ def goals_met(r: dict) -> dict:
             res["qlora <= 35% of full"] = ms["qlora"][f"share_of_ftl_full{suffix}"] <= GOALS["qlora_vs_full"]
         if "lora" in ms and "share_of_ftl_full" in ms["lora"]:
             res["lora <= 45% of full"] = ms["lora"][f"share_of_ftl_full{suffix}"] <= GOALS["lora_vs_full"]
+        for m, limit in (("qlora", GOALS["qlora_vs_full"]), ("lora", GOALS["lora_vs_full"])):
+            if f"checkpointing_share_of_ftl_full{suffix}" in ms.get(m, {}):
+                res[f"{m} (checkpointing on) <= {100 * limit:.0f}% of full"] = \
+                    ms[m][f"checkpointing_share_of_ftl_full{suffix}"] <= limit
         for m, e in ms.items():
+            for ftl_label in ("checkpointing_",):
+                if f"{ftl_label}vs_trl_defaults{suffix}" in e:
+                    res[f"{m} (checkpointing on) <= 0.6x TRL defaults"] = e[f"{ftl_label}vs_trl_defaults{suffix}"] <= 0.6
+                if f"{ftl_label}vs_trl_best{suffix}" in e:
+                    res[f"{m} (checkpointing on) <= TRL best"] = e[f"{ftl_label}vs_trl_best{suffix}"] <= 1.0
             if f"vs_trl_defaults{suffix}" in e:
                 res[f"{m} <= 0.6x TRL defaults"] = e[f"vs_trl_defaults{suffix}"] <= GOALS["vs_trl_defaults"]
             if f"vs_trl_best{suffix}" in e:
@@ -259,6 +283,13 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     if args and args[0] in ("baseline", "ftl", "trl") and os.environ.get("FTL_BENCH_WORKER"):
         print(json.dumps(worker(args)))
+    elif args and args[0] == "--assemble":  # rows measured one by one (python bench/sft_memory_vs_trl.py ftl lora > DIR/ftl_lora.json)
+        rows = {" ".join(c): json.loads((Path(args[1]) / ("_".join(c) + ".json")).read_text()) for c in CONFIGS
+                if (Path(args[1]) / ("_".join(c) + ".json")).exists()}
+        result = summarise(rows)
+        result["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        (ROOT / "bench" / "results" / "sft_memory_vs_trl.json").write_text(json.dumps(result, indent=1))
+        print(table(result))
     elif args:
         print(json.dumps(run(args), indent=1))
     else:
