@@ -125,25 +125,27 @@ def table(results: dict[str, dict]) -> str:
         r = results["sft_memory_vs_trl"]
         base = r["baseline_bytes"]
         gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
-        trl_opts = r["rows"].get("trl lora best", {}).get("options") or {}
         for m, e in r["methods"].items():
-            label = {"full": "full fine-tune", "lora": "LoRA", "qlora": "QLoRA (NF4 base)"}[m]
+            label = {"full": "full fine-tune", "lora": "LoRA", "qlora": "QLoRA (NF4 base, fp32 compute)"}[m]
             goal = {"full": "", "lora": "<= 45% of full; ", "qlora": "<= 35% of full; "}[m]
-            share = (f"; {100 * e['share_of_ftl_full']:.0f}% of ftl full "
-                     f"({100 * e['share_of_ftl_full_above_baseline']:.0f}% above baseline)") if m != "full" else ""
-            best = (f"{gib(e['trl_best_peak'])} ({gib(e['trl_best_above_baseline'])}) best options"
-                    if "trl_best_peak" in e else "best options: failed")
-            lines.append(f"| SFT peak memory per method vs TRL {r.get('trl_version', '')} SFTTrainer ({r['model']}, "
-                         f"{label}, {r['batch_size']}x{r['max_length']} packed tokens, bf16 autocast, {r['steps']} steps) "
-                         f"| peak RSS GiB (above the {gib(base['ftl'])} / {gib(base['trl'])} GiB import baseline) | "
-                         f"{gib(e['ftl_peak'])} ({gib(e['ftl_above_baseline'])}) | "
-                         f"{gib(e['trl_defaults_peak'])} ({gib(e['trl_defaults_above_baseline'])}) defaults; {best} | "
-                         f"{e['vs_trl_defaults']:.2f}x ({e['vs_trl_defaults_above_baseline']:.2f}x above baseline)"
-                         f"{share} | {goal}<= 0.6x TRL defaults; <= TRL best |")
-        if trl_opts:
-            lines.append(f"| (TRL options in the runs above) | | | defaults: bf16, gradient checkpointing, packing bfd "
-                         f"(padding-free), chunked loss; best: + activation_offloading="
-                         f"{trl_opts.get('activation_offloading')} | | |")
+            ftl = f"{gib(e['ftl_peak'])} ({gib(e['ftl_above_baseline'])}) defaults"
+            ratio = f"{e['vs_trl_defaults']:.2f}x ({e['vs_trl_defaults_above_baseline']:.2f}x)"
+            if m != "full":
+                ratio += (f"; {100 * e['share_of_ftl_full']:.0f}% ({100 * e['share_of_ftl_full_above_baseline']:.0f}%) "
+                          f"of ftl full")
+            if "ftl_checkpointing_peak" in e:
+                ftl += f"; {gib(e['ftl_checkpointing_peak'])} ({gib(e['ftl_checkpointing_above_baseline'])}) checkpointing on"
+                ratio += (f"; checkpointing on: {e['checkpointing_vs_trl_defaults']:.2f}x "
+                          f"({e['checkpointing_vs_trl_defaults_above_baseline']:.2f}x), "
+                          f"{100 * e['checkpointing_share_of_ftl_full']:.0f}% "
+                          f"({100 * e['checkpointing_share_of_ftl_full_above_baseline']:.0f}%) of full")
+            best = f"; best {gib(e['trl_best_peak'])} ({gib(e['trl_best_above_baseline'])})" if "trl_best_peak" in e else ""
+            lines.append(f"| SFT peak memory, {label}, vs TRL {r.get('trl_version', '')} SFTTrainer ({r['model']}, "
+                         f"{r['batch_size']}x{r['max_length']} packed tokens, bf16 autocast, {r['steps']} steps; TRL: "
+                         f"checkpointing, padding-free bfd packing, chunked loss) | peak RSS GiB (above the "
+                         f"{gib(base.get('ftl', 0))} / {gib(base.get('trl', 0))} GiB import baseline) | {ftl} | "
+                         f"{gib(e['trl_defaults_peak'])} ({gib(e['trl_defaults_above_baseline'])}) defaults{best} | "
+                         f"{ratio} (above baseline in brackets) | {goal}<= 0.6x TRL defaults; <= TRL best |")
     return "\n".join(lines)
 
 

@@ -66,7 +66,9 @@ def worker_baseline(kind: str) -> dict:
 
 
 def ftl_overrides(method: str, out: Path, options: str = "defaults") -> list[str]:
-    extra = ["model.gradient_checkpointing=true"] if options == "checkpointing" else []
+    extra = {"checkpointing": ["model.gradient_checkpointing=true"],  # as TRL's defaults have it
+             # + the loss's logits for 128 tokens at a time (exact: same loss and gradients)
+             "lean": ["model.gradient_checkpointing=true", "train.loss_chunk_tokens=128"]}.get(options, [])
     return ["--profile", "small", f"method.kind={method}", *extra, f"train.max_steps={STEPS}", f"train.batch_size={BATCH}",
             "train.precision=bf16", "train.optimizer=adamw", "train.save_every=null", f"data.max_length={MAX_LENGTH}",
             "eval.before_training=false", "eval.every=null", "eval.max_examples=2", "eval.batch_size=2",
