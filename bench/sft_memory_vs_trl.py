@@ -188,7 +188,8 @@ def run(argv: list[str]) -> dict:
 
 CONFIGS = [("baseline", "ftl"), ("baseline", "trl"),
            *(("ftl", m) for m in METHODS),
-           *(("ftl", m, "checkpointing") for m in ("lora", "qlora")),
+           *(("ftl", m, "checkpointing") for m in METHODS),
+           *(("ftl", m, "lean") for m in ("lora", "qlora")),
            *(("trl", m, "defaults") for m in METHODS),
            ("trl", "lora", "offload")]  # TRL's best memory options on CPU are its defaults (docstring)
 
@@ -300,8 +301,8 @@ if __name__ == "__main__":
     if args and args[0] in ("baseline", "ftl", "trl") and os.environ.get("FTL_BENCH_WORKER"):
         print(json.dumps(worker(args)))
     elif args and args[0] == "--assemble":  # rows measured one by one (python bench/sft_memory_vs_trl.py ftl lora > DIR/ftl_lora.json)
-        rows = {" ".join(c): json.loads((Path(args[1]) / ("_".join(c) + ".json")).read_text()) for c in CONFIGS
-                if (Path(args[1]) / ("_".join(c) + ".json")).exists()}
+        files = {" ".join(c): Path(args[1]) / ("_".join(c) + ".json") for c in CONFIGS}
+        rows = {name: json.loads(f.read_text()) for name, f in files.items() if f.exists() and f.stat().st_size}
         result = summarise(rows)
         result["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         (ROOT / "bench" / "results" / "sft_memory_vs_trl.json").write_text(json.dumps(result, indent=1))
