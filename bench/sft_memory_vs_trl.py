@@ -231,19 +231,21 @@ def summarise(rows: dict) -> dict:
                 entry[f"{label}_above_baseline"] = t["peak_bytes"] - base.get("trl", 0)
                 entry[f"vs_{label}"] = f["peak_bytes"] / t["peak_bytes"]
                 entry[f"vs_{label}_above_baseline"] = entry["ftl_above_baseline"] / entry[f"{label}_above_baseline"]
-        c = rows.get(f"ftl {m} checkpointing", {})
-        if "peak_bytes" in c:  # ftl with model.gradient_checkpointing=true (as TRL's defaults have it)
-            entry["ftl_checkpointing_peak"] = c["peak_bytes"]
-            entry["ftl_checkpointing_above_baseline"] = c["peak_bytes"] - base.get("ftl", 0)
+        for option in ("checkpointing", "lean"):  # ftl with memory options on (see ftl_overrides)
+            c = rows.get(f"ftl {m} {option}", {})
+            if "peak_bytes" not in c:
+                continue
+            entry[f"ftl_{option}_peak"] = c["peak_bytes"]
+            entry[f"ftl_{option}_above_baseline"] = c["peak_bytes"] - base.get("ftl", 0)
             if full:
-                entry["checkpointing_share_of_ftl_full"] = c["peak_bytes"] / full
-                entry["checkpointing_share_of_ftl_full_above_baseline"] = \
-                    entry["ftl_checkpointing_above_baseline"] / (full - base.get("ftl", 0))
+                entry[f"{option}_share_of_ftl_full"] = c["peak_bytes"] / full
+                entry[f"{option}_share_of_ftl_full_above_baseline"] = \
+                    entry[f"ftl_{option}_above_baseline"] / (full - base.get("ftl", 0))
             for label, t in (("trl_defaults", d), ("trl_best", b)):
                 if "peak_bytes" in t:
-                    entry[f"checkpointing_vs_{label}"] = c["peak_bytes"] / t["peak_bytes"]
-                    entry[f"checkpointing_vs_{label}_above_baseline"] = \
-                        entry["ftl_checkpointing_above_baseline"] / entry[f"{label}_above_baseline"]
+                    entry[f"{option}_vs_{label}"] = c["peak_bytes"] / t["peak_bytes"]
+                    entry[f"{option}_vs_{label}_above_baseline"] = \
+                        entry[f"ftl_{option}_above_baseline"] / entry[f"{label}_above_baseline"]
         out["methods"][m] = entry
     out["trl_best_options"] = ("gradient_checkpointing=True (default), packing bfd => padding-free (default), chunked "
                                "loss (always); activation_offloading fails on CPU (AttributeError: no accelerator); "
@@ -264,16 +266,18 @@ def goals_met(r: dict) -> dict:
             res["qlora <= 35% of full"] = ms["qlora"][f"share_of_ftl_full{suffix}"] <= GOALS["qlora_vs_full"]
         if "lora" in ms and "share_of_ftl_full" in ms["lora"]:
             res["lora <= 45% of full"] = ms["lora"][f"share_of_ftl_full{suffix}"] <= GOALS["lora_vs_full"]
-        for m, limit in (("qlora", GOALS["qlora_vs_full"]), ("lora", GOALS["lora_vs_full"])):
-            if f"checkpointing_share_of_ftl_full{suffix}" in ms.get(m, {}):
-                res[f"{m} (checkpointing on) <= {100 * limit:.0f}% of full"] = \
-                    ms[m][f"checkpointing_share_of_ftl_full{suffix}"] <= limit
+        for option in ("checkpointing", "lean"):
+            for m, limit in (("qlora", GOALS["qlora_vs_full"]), ("lora", GOALS["lora_vs_full"])):
+                if f"{option}_share_of_ftl_full{suffix}" in ms.get(m, {}):
+                    res[f"{m} ({option}) <= {100 * limit:.0f}% of full"] = \
+                        ms[m][f"{option}_share_of_ftl_full{suffix}"] <= limit
         for m, e in ms.items():
-            for ftl_label in ("checkpointing_",):
-                if f"{ftl_label}vs_trl_defaults{suffix}" in e:
-                    res[f"{m} (checkpointing on) <= 0.6x TRL defaults"] = e[f"{ftl_label}vs_trl_defaults{suffix}"] <= 0.6
-                if f"{ftl_label}vs_trl_best{suffix}" in e:
-                    res[f"{m} (checkpointing on) <= TRL best"] = e[f"{ftl_label}vs_trl_best{suffix}"] <= 1.0
+            for option in ("checkpointing", "lean"):
+                if f"{option}_vs_trl_defaults{suffix}" in e:
+                    res[f"{m} ({option}) <= 0.6x TRL defaults"] = \
+                        e[f"{option}_vs_trl_defaults{suffix}"] <= GOALS["vs_trl_defaults"]
+                if f"{option}_vs_trl_best{suffix}" in e:
+                    res[f"{m} ({option}) <= TRL best"] = e[f"{option}_vs_trl_best{suffix}"] <= 1.0
             if f"vs_trl_defaults{suffix}" in e:
                 res[f"{m} <= 0.6x TRL defaults"] = e[f"vs_trl_defaults{suffix}"] <= GOALS["vs_trl_defaults"]
             if f"vs_trl_best{suffix}" in e:
@@ -292,6 +296,11 @@ def table(r: dict) -> str:
         lines.append(f"| {m} | {gib(e['ftl_peak'])} ({gib(e['ftl_above_baseline'])}) | {cell('trl_defaults')} | "
                      f"{cell('trl_best')} | {ratio('vs_trl_defaults')} | {ratio('vs_trl_best')} | "
                      f"{ratio('share_of_ftl_full')} |")
+        for option in ("checkpointing", "lean"):
+            if f"ftl_{option}_peak" in e:
+                lines.append(f"| {m}, ftl {option} | {gib(e[f'ftl_{option}_peak'])} "
+                             f"({gib(e[f'ftl_{option}_above_baseline'])}) | | | {ratio(f'{option}_vs_trl_defaults')} | "
+                             f"{ratio(f'{option}_vs_trl_best')} | {ratio(f'{option}_share_of_ftl_full')} |")
     lines.append(f"baseline (imports only): ftl {gib(base.get('ftl', 0))} GiB, TRL {gib(base.get('trl', 0))} GiB")
     return "\n".join(lines)
 
