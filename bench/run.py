@@ -16,7 +16,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 README = HERE.parent / "README.md"
 BENCHES = ["sft_throughput", "zero3_memory", "peft_memory", "ppo_speed", "ppo_vs_trl", "checkpoint_bytes", "loss_memory",
-           "plan_accuracy"]
+           "plan_accuracy", "sft_memory_vs_trl"]
 
 
 def table(results: dict[str, dict]) -> str:
@@ -170,6 +170,31 @@ def table(results: dict[str, dict]) -> str:
                      f"classify*, PPO; tiny and small profiles; resident-set high-water) | max relative error | "
                      f"{100 * r['max_abs_error']:.1f}% (`ftl plan --data`; worst: {worst['name']}) | "
                      f"{100 * r['max_abs_bound_error']:.0f}% (`ftl plan`, rows at data.max_length) | | <= 15% |")
+    if "sft_memory_vs_trl" in results:
+        r = results["sft_memory_vs_trl"]
+        base = r["baseline_bytes"]
+        gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+        for m, e in r["methods"].items():
+            label = {"full": "full fine-tune", "lora": "LoRA", "qlora": "QLoRA (NF4 base, fp32 compute)"}[m]
+            goal = {"full": "", "lora": "<= 45% of full; ", "qlora": "<= 35% of full; "}[m]
+            ftl = f"{gib(e['ftl_peak'])} ({gib(e['ftl_above_baseline'])}) defaults"
+            ratio = f"{e['vs_trl_defaults']:.2f}x ({e['vs_trl_defaults_above_baseline']:.2f}x)"
+            if m != "full":
+                ratio += (f"; {100 * e['share_of_ftl_full']:.0f}% ({100 * e['share_of_ftl_full_above_baseline']:.0f}%) "
+                          f"of ftl full")
+            if "ftl_checkpointing_peak" in e:
+                ftl += f"; {gib(e['ftl_checkpointing_peak'])} ({gib(e['ftl_checkpointing_above_baseline'])}) checkpointing on"
+                ratio += (f"; checkpointing on: {e['checkpointing_vs_trl_defaults']:.2f}x "
+                          f"({e['checkpointing_vs_trl_defaults_above_baseline']:.2f}x), "
+                          f"{100 * e['checkpointing_share_of_ftl_full']:.0f}% "
+                          f"({100 * e['checkpointing_share_of_ftl_full_above_baseline']:.0f}%) of full")
+            best = f"; best {gib(e['trl_best_peak'])} ({gib(e['trl_best_above_baseline'])})" if "trl_best_peak" in e else ""
+            lines.append(f"| SFT peak memory, {label}, vs TRL {r.get('trl_version', '')} SFTTrainer ({r['model']}, "
+                         f"{r['batch_size']}x{r['max_length']} packed tokens, bf16 autocast, {r['steps']} steps; TRL: "
+                         f"checkpointing, padding-free bfd packing, chunked loss) | peak RSS GiB (above the "
+                         f"{gib(base.get('ftl', 0))} / {gib(base.get('trl', 0))} GiB import baseline) | {ftl} | "
+                         f"{gib(e['trl_defaults_peak'])} ({gib(e['trl_defaults_above_baseline'])}) defaults{best} | "
+                         f"{ratio} (above baseline in brackets) | {goal}<= 0.6x TRL defaults; <= TRL best |")
     return "\n".join(lines)
 
 

@@ -274,9 +274,19 @@ class RunSession:
                        **(encoding.as_dict() if encoding is not None else {}))
         return rows
 
+    def training_autocast_dtype(self) -> Optional[str]:
+        """"bfloat16" where every forward of the model that trains runs under bf16 autocast: an SFT stage (its
+        loss and evaluation go through the prepared model) at train.precision bf16 without DeepSpeed (which
+        casts the weights itself). The method may then store frozen weights in bf16 (memory, not numerics)."""
+        acc = self.accelerator
+        if self.recipe.stage != "sft" or acc.mixed_precision != "bf16" or acc.state.deepspeed_plugin is not None:
+            return None
+        return "bfloat16"
+
     def apply_method(self, model, task_type: str = "CAUSAL_LM"):
         self.accelerator.print(data_line(self.manifest_fields["data"], self.recipe.data.max_length))
-        model = apply_method(model, self.recipe.method, self.recipe.model.gradient_checkpointing, task_type)
+        model = apply_method(model, self.recipe.method, self.recipe.model.gradient_checkpointing, task_type,
+                             autocast_dtype=self.training_autocast_dtype())
         frozen = apply_freeze(model, self.recipe.train.freeze)  # train.freeze, on top of the method
         summary = trainable_summary(model)
         summary["frozen_by_train_freeze"] = len(frozen)
