@@ -108,7 +108,10 @@ def recipe_setup(recipe: Recipe) -> Setup:
                  precision=recipe.train.precision, model_dtype=recipe.model.dtype, optimizer=recipe.train.optimizer,
                  offload_optimizer=(zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme"),
                  offload_params=(zero.get("offload_param") or {}).get("device") in ("cpu", "nvme"),
-                 grad_accum_fp32=(config.get("data_types") or {}).get("grad_accum_dtype") in FP32_NAMES)
+                 grad_accum_fp32=(config.get("data_types") or {}).get("grad_accum_dtype") in FP32_NAMES,
+                 # session.training_autocast_dtype: what lets plain LoRA store its frozen linears in bf16
+                 lora_frozen_16bit=recipe.method.kind == "lora" and recipe.stage == "sft"
+                 and recipe.train.precision == "bf16")
 
 
 @dataclass(frozen=True)

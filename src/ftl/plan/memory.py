@@ -153,6 +153,7 @@ class Setup:
     offload_optimizer: bool = False
     offload_params: bool = False
     grad_accum_fp32: bool = False  # DeepSpeed JSON data_types.grad_accum_dtype is fp32
+    lora_frozen_16bit: bool = False  # plain LoRA in an SFT run under bf16 autocast: frozen linears stored in bf16
 
 
 @dataclass(frozen=True)
@@ -265,6 +266,8 @@ def model_states(shape: ModelShape, s: Setup) -> Estimate:
     trainable = shape.total if s.method == "full" else shape.lora
     if s.method == "full":
         frozen_bytes = 0.0
+    elif s.method == "lora" and frozen_linears_16bit(s):  # methods/lora.py store_frozen_linears_16bit
+        frozen_bytes = (shape.total - shape.linear) * param_bytes + shape.linear * 2
     elif s.method == "lora":
         frozen_bytes = shape.total * param_bytes
     else:  # qlora: linear weights in NF4; PEFT's prepare_model_for_kbit_training upcasts the rest (embeddings,
@@ -296,6 +299,11 @@ def model_states(shape: ModelShape, s: Setup) -> Estimate:
         e.host += e.params
         e.params = 0.0
     return e
+
+
+def frozen_linears_16bit(s: Setup) -> bool:
+    """LoRA's frozen fp32 linears kept in bf16 (exact under bf16 autocast; not under DeepSpeed)."""
+    return s.lora_frozen_16bit and not s.deepspeed and weight_bytes(s) == 4
 
 
 def weight_bytes(s: Setup) -> int:
@@ -379,8 +387,10 @@ def add_workload(e: Estimate, shape: ModelShape, s: Setup, w: Workload) -> None:
     lora = s.method in ("lora", "qlora")
     causal = w.head == "causal_lm"
     if s.precision in ("bf16", "fp16") and weight_bytes(s) == 4:  # autocast casts each linear weight once
-        linear = shape.linear + (shape.lm_head if causal else 0) + (shape.vocab_size * shape.hidden_size
-                                                                     if causal and shape.tie_word_embeddings else 0)
+        # (LoRA's frozen linears already in bf16 are not copied: only the head, tied to an fp32 embedding or not)
+        linear = (0 if s.method == "lora" and frozen_linears_16bit(s) else shape.linear) + \
+            (shape.lm_head if causal else 0) + \
+            (shape.vocab_size * shape.hidden_size if causal and shape.tie_word_embeddings else 0)
         if w.checkpointing and s.method != "full":
             # a frozen weight's cast is not cached (autocast caches only leaves that require grad) and, under
             # checkpointing, not saved for backward either: one block's copies exist at a time

@@ -114,22 +114,3 @@ def summarise(per_rank: list[dict], measure: str, planned: Optional[dict] = None
             out["planned_error"] = round(planned["peak_bytes"] / out["peak_bytes"] - 1, 4)
     return out
 
-
-MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's own starting value, held fixed
-
-
-def return_large_frees_to_os(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
-    """Fix glibc's mmap threshold (mallopt M_MMAP_THRESHOLD) so every allocation above `threshold` bytes is its
-    own mapping, handed back to the OS when freed. By default glibc raises the threshold each time a mapped block
-    is freed (up to 32 MB), after which a step's activations and logits come from the heap, stay resident when
-    freed, and fragment: a CPU run's resident set then holds the last step's freed buffers beside the next
-    step's (measured, SmolLM2 LoRA bf16, 2x256 tokens: 0.65 GB still resident after backward, and a second step
-    peaking 0.14 GB above the first). Numerics are untouched. Skipped when the user set MALLOC_MMAP_THRESHOLD_
-    or GLIBC_TUNABLES (theirs wins), and off glibc. Returns whether it was applied."""
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ \
-            or "GLIBC_TUNABLES" in os.environ:
-        return False
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, int(threshold)))  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc
-        return False
