@@ -17,17 +17,13 @@ JUDGE_DIR = "judge"          # STAGE_DIR/judge/eval.json: the judge's re-scoring
 JUDGE_STAMP = "judged.json"  # what was judged (stage + judge fingerprints): an unchanged rerun skips it
 
 
-def is_policy(stage: str) -> bool:
-    return STAGES[stage].policy
-
-
 def judge_policies(plans, judge) -> None:
     """Re-score every policy stage's held-out comparison with the judge's reward model (`ftl eval STAGE
     --reward JUDGE`: the same prompts and seeds, hence the same responses, as the stage's own comparison)."""
     from ftl.evaluate.target import evaluate_target  # torch loads only when a pipeline has a judge
 
     for plan in plans:
-        if plan is judge or not is_policy(plan.recipe.stage):
+        if plan is judge or not STAGES[plan.recipe.stage].policy:
             continue
         out = plan.stage_dir / JUDGE_DIR
         stamp = {"stage": plan.fingerprint, "judge": judge.fingerprint}
@@ -54,12 +50,6 @@ def verdict(own: dict, judged: Optional[dict]) -> str:
     return "no win"
 
 
-def stage_of(stage_dir: Path) -> str:
-    from ftl.config import load_recipe
-
-    return load_recipe(stage_dir / layout.RECIPE_FILE).stage
-
-
 def policies_table(root: Path, stage_names: list[str]) -> list[str]:
     """Markdown lines: one row per policy stage that has finished its comparison (empty when none has)."""
     rows = []
@@ -71,7 +61,7 @@ def policies_table(root: Path, stage_names: list[str]) -> list[str]:
         own = evaluation["after"]
         judged = (read_json(stage_dir / JUDGE_DIR / "eval.json") or {}).get("eval")
         stamp = read_json(stage_dir / "stage.json") or {}
-        method = (manifest.get("ppo") or {}).get("advantage") or stage_of(stage_dir)
+        method = (manifest.get("ppo") or {}).get("advantage") or manifest["stage"]
         peak = (manifest.get("memory") or {}).get("peak_bytes")
         rows.append(f"| {name} | {method} | {own['mean_reward']:.3f} (start {own['reference_mean_reward']:.3f}) | "
                     f"{own['win_rate']:.2f} | "

@@ -20,7 +20,7 @@ and evaluation: a rank that stops making progress dumps its stacks and exits ins
 
 Speed: AdamW/SGD run torch's fused kernel by default (`train.optimizer_impl: auto`; the manifest's
 optimizer_builds record which), and `train.compile: true` compiles each transformer block for the training
-steps (`CompiledBlocks`). A step's parts carry torch.profiler labels (ftl.batch, ftl.forward_loss,
+steps (ftl.train.compiled). A step's parts carry torch.profiler labels (ftl.batch, ftl.forward_loss,
 ftl.backward, ftl.optimizer): bench/sft_throughput.py profiles them.
 """
 
@@ -47,6 +47,7 @@ from ftl.track.manifest import update_manifest
 from ftl.track.memory import release_freed_memory
 from ftl.train import controls
 from ftl.train.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
+from ftl.train.compiled import CompiledBlocks
 from ftl.train.distributed import offloads_optimizer, uses_deepspeed
 from ftl.train.frozen_base import leave_frozen_base_out
 from ftl.train.resume_contract import check_resume_step
@@ -324,45 +325,6 @@ def fit(*, accelerator, model, cfg: TrainConfig, features: list[dict], collate: 
         result.early_stopping = validation.stopper.state()
         result.stopped_early = validation.stopper.stopped
     return model, result
-
-
-class CompiledBlocks:
-    """train.compile: each transformer block compiled with torch.compile (inductor). The blocks are alike, so
-    they share one compiled graph per kind of input; the model's head (which the chunked loss swaps per forward)
-    and its mask building stay eager. Compiled code runs in the training steps only: evaluation and generation
-    (other shapes, a KV cache) run the same blocks eagerly (`eagerly`), and so does everything after `release`."""
-
-    def __init__(self, accelerator, model, layout: controls.Layout):
-        if uses_deepspeed(accelerator):
-            raise RecipeError("train.compile: compiling under DeepSpeed is not supported by ftl (its ZeRO hooks "
-                              "gather parameters inside the blocks); set train.compile: false or train without "
-                              "launch.deepspeed")
-        if layout.block_path is None:
-            raise RecipeError(f"train.compile: ftl found no list of transformer blocks in {type(model).__name__} to "
-                              "compile; set train.compile: false")
-        self.blocks = list(model.get_submodule(layout.block_path))
-        for block in self.blocks:
-            block.compile(dynamic=None)  # the first new sequence length recompiles once with dynamic shapes
-        self.compiled = [block._compiled_call_impl for block in self.blocks]
-        accelerator.print(f"ftl: train.compile: {len(self.blocks)} blocks ({layout.block_path}) compiled with "
-                          "torch.compile (inductor) for the training steps; the first steps include the compile time")
-        self.info = {"enabled": True, "blocks": len(self.blocks), "block_path": layout.block_path,
-                     "backend": "inductor", "torch": torch.__version__}
-
-    def release(self) -> None:
-        for block in self.blocks:
-            block._compiled_call_impl = None
-
-    def eagerly(self, fn: Callable) -> Callable:
-        """fn run with the blocks eager (compiled again afterwards)."""
-        def run(*args, **kwargs):
-            self.release()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                for block, compiled in zip(self.blocks, self.compiled):
-                    block._compiled_call_impl = compiled
-        return run
 
 
 def _start_or_resume(accelerator, model, opt: _Optimization, stopper: controls.EarlyStopping, run_dir: Path,
