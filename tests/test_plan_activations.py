@@ -103,8 +103,12 @@ def test_auto_turns_checkpointing_on_only_where_activations_dominate():
     ("qlora_single.yaml", "small", [], True),                     # set in the recipe
 ])
 def test_auto_on_the_shipped_recipes(recipe, profile, overrides, expected):
-    choice = checkpointing_choice(load_recipe(RECIPES / recipe, profile, overrides))
+    loaded = load_recipe(RECIPES / recipe, profile, overrides)
+    choice = checkpointing_choice(loaded)
     assert choice.on is expected, choice.reason
+    # decided before the data is read: the reason says for which rows (data.max_length's), not the data's
+    assert f"x {loaded.data.max_length} tokens (data.max_length: the data is not read yet)" in choice.reason, \
+        choice.reason
 
 
 def test_the_schema_defaults_to_auto_and_keeps_booleans():

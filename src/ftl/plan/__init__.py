@@ -220,14 +220,16 @@ class CheckpointingChoice:
                 "planned_peak_without_bytes": round(self.peak), "model_states_bytes": round(self.model_states)}
 
 
-def decide_checkpointing(setting, unchecked: Estimate) -> CheckpointingChoice:
+def decide_checkpointing(setting, unchecked: Estimate, rows: str = "") -> CheckpointingChoice:
     """model.gradient_checkpointing as the run uses it: true/false as set; auto: on when the activations
-    checkpointing removes are at least AUTO_CHECKPOINT_SHARE of the planned peak without it."""
+    checkpointing removes are at least AUTO_CHECKPOINT_SHARE of the planned peak without it. rows: the
+    workload the figures are for (workload_rows), said with them."""
     gb = lambda b: f"{b / GB:.2f} GB"  # noqa: E731
     numbers = dict(activations=unchecked.activations_unchecked, checked=unchecked.activations_checked,
                    peak=unchecked.peak, model_states=unchecked.model_states)
     figures = (f"activations {gb(numbers['activations'])} per device ({gb(numbers['checked'])} with it) vs model "
-               f"states {gb(numbers['model_states'])}, planned peak {gb(numbers['peak'])} without it")
+               f"states {gb(numbers['model_states'])}, planned peak {gb(numbers['peak'])} without it"
+               + (f", for {rows}" if rows else ""))
     if setting != "auto":
         return CheckpointingChoice(bool(setting), False, f"model.gradient_checkpointing: {str(bool(setting)).lower()} "
                                    f"in the recipe ({figures})", **numbers)
@@ -271,10 +273,22 @@ def plan_with_checkpointing(recipe: Recipe, shape: ModelShape, setup: Setup, len
                             setting=None) -> tuple[Estimate, CheckpointingChoice, Workload]:
     """The estimate with gradient checkpointing as the run will have it (auto resolved by the plan)."""
     setting = recipe.model.gradient_checkpointing if setting is None else setting
-    unchecked = estimate(shape, setup, recipe_workload(recipe, False, lengths))
-    choice = decide_checkpointing(setting, unchecked)
+    unchecked_work = recipe_workload(recipe, False, lengths)
+    unchecked = estimate(shape, setup, unchecked_work)
+    # a run decides from the recipe alone, before its data is read: then its lengths are data.max_length's,
+    # which the real rows may fall far below (the manifest's plan is for the rows the data gave)
+    known = lengths.prompt if unchecked_work.rl is not None else lengths.train
+    rows = workload_rows(unchecked_work) + ("" if known else " (data.max_length: the data is not read yet)")
+    choice = decide_checkpointing(setting, unchecked, rows)
     work = recipe_workload(recipe, choice.on, lengths)
     return (estimate(shape, setup, work) if choice.on else unchecked), choice, work
+
+
+def workload_rows(w: Workload) -> str:
+    """The rows a plan is for, in words."""
+    return (f"{w.batch_size} x {w.seq_len} tokens" if w.rl is None else
+            f"rollouts {w.rl.rollout_batch * w.rl.samples_per_prompt} x ({w.rl.prompt_tokens} + "
+            f"{w.rl.response_tokens}) tokens, updates of {w.rl.mini_batch}")
 
 
 def make_plan(recipe: Recipe, commands: list[str] = (), lengths: DataLengths = DataLengths(),
@@ -319,9 +333,7 @@ def render_plan(plan: Plan) -> str:
                  + (f"; offloaded to host {gb(e.host)}" if e.host else ""))
     w = plan.workload
     if w is not None and plan.shape.known:
-        rows = (f"{w.batch_size} x {w.seq_len} tokens" if w.rl is None else
-                f"rollouts {w.rl.rollout_batch * w.rl.samples_per_prompt} x ({w.rl.prompt_tokens} + "
-                f"{w.rl.response_tokens}) tokens, updates of {w.rl.mini_batch}")
+        rows = workload_rows(w)
         chunk = f"loss in chunks of {w.loss_chunk_tokens} tokens" if w.loss_chunk_tokens else "whole-batch logits"
         parts = [f"activations {gb(e.activations)} (checkpointing {'on' if w.checkpointing else 'off'})",
                  f"logits {gb(e.logits)} ({chunk})"]
