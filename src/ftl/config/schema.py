@@ -181,7 +181,7 @@ class SourceConfig(Section):
             raise ValueError(f"source kind '{self.kind}' needs a path")
         if self.kind == "hub" and not self.name:
             raise ValueError("source kind 'hub' needs a name (a hub dataset id such as org/dataset)")
-        if "negatives" in self.model_fields_set and self.kind != "chatterbot":
+        if self.negatives != "random" and self.kind != "chatterbot":  # by value: a dumped config round-trips
             raise ValueError(f"negatives: only chatterbot preference pairs are built by ftl (source kind "
                              f"'{self.kind}' brings its own rejected answers)")
         return self
