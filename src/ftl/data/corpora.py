@@ -72,13 +72,17 @@ def _preference_pairs(conversations, length_matched: bool = False) -> Iterator[t
     answers_by_prompt: dict[str, set[str]] = {}
     for _, turns, _ in conversations:
         answers_by_prompt.setdefault(turns[0], set()).add(turns[1])
-    by_length = sorted({(len(turns[1]), turns[1], category) for _, turns, category in conversations})
-    pool = [(answer, category) for _, answer, category in by_length] if length_matched else \
-        [(turns[1], category) for _, turns, category in conversations]
-    lengths = [length for length, _, _ in by_length]
+    pool = [(turns[1], category) for _, turns, category in conversations]
+    if length_matched:  # each (answer, category) once, shortest first
+        pool = sorted(set(pool), key=lambda entry: (len(entry[0]), entry))
+        lengths = [len(answer) for answer, _ in pool]
     for location, turns, category in conversations:
         prompt, chosen = turns[0], turns[1]
-        eligible = lambda i: pool[i][1] != category and pool[i][0] not in answers_by_prompt[prompt]  # noqa: E731
+
+        def eligible(index: int) -> bool:
+            answer, other_category = pool[index]
+            return other_category != category and answer not in answers_by_prompt[prompt]
+
         draw = int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16)
         if length_matched:
             near = _nearest_in_length(lengths, len(chosen), eligible, LENGTH_NEIGHBOURS)
