@@ -111,6 +111,19 @@ def test_auto_on_the_shipped_recipes(recipe, profile, overrides, expected):
         choice.reason
 
 
+def test_auto_decides_for_the_rows_the_data_gives():
+    """A run decides once its data is read: RLOO on small plans 16 rollouts of 512 + 24 tokens from the
+    recipe alone (checkpointing on), but its prompts are ~55 tokens, where checkpointing only costs time."""
+    from ftl.plan import DataLengths, model_shape
+
+    recipe = load_recipe(RECIPES / "rlhf" / "rloo.yaml", "small")
+    shape = model_shape(load_recipe(RECIPES / "rlhf" / "sft.yaml", "small"))  # the policy's architecture
+    assert checkpointing_choice(recipe, shape).on is True
+    measured = checkpointing_choice(recipe, shape, DataLengths(prompt=55))
+    assert measured.on is False and "rollouts 16 x (55 + 24) tokens" in measured.reason, measured.reason
+    assert "not read" not in measured.reason
+
+
 def test_the_schema_defaults_to_auto_and_keeps_booleans():
     assert ModelConfig().gradient_checkpointing == "auto"
     assert ModelConfig(gradient_checkpointing=True).gradient_checkpointing is True

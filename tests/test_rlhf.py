@@ -36,6 +36,11 @@ def test_pipeline_hands_artifacts_on_and_ppo_raises_the_reward(pipeline_run):
     # 64 held-out responses vs the SFT model's: measured 1.04 vs 0.65, win rate 0.66
     assert ppo_eval["mean_reward"] > ppo_eval["reference_mean_reward"] + 0.2 and ppo_eval["win_rate"] > 0.55
     assert 0 < ppo_eval["kl_to_reference"] < 10
+    manifest = json.loads((out / "ppo" / "manifest.json").read_text())
+    prompt = manifest["memory"]["planned"]["lengths"]["prompt"]  # the prompts' longest, as the stage tokenised
+    assert 0 < prompt < ppo_recipe["data"]["max_length"]
+    # auto decided for the rollouts the data gives, not for data.max_length-token prompts
+    assert f"rollouts 8 x ({prompt} + 12) tokens" in manifest["gradient_checkpointing"]["reason"]
     for key in ("reward", "kl", "entropy", "value_loss", "policy_loss", "clip_fraction", "response_length",
                 "generation_seconds", "training_seconds"):
         assert key in read_jsonl(out / "ppo" / "metrics.jsonl")[0], key

@@ -3,8 +3,8 @@ one micro-batch's activations, the loss's logits, evaluation and generation buff
 and, on CPU, the runtime (the arithmetic and its derivation: ftl.plan.memory).
 
 The plan also decides `model.gradient_checkpointing: auto` (`checkpointing_choice`): a run resolves it
-here, from the recipe alone, so `ftl plan` shows the choice the run will make and a resumed run makes it
-again.
+here for the rows its data gives (measured_lengths), so `ftl plan --data` shows the choice the run will
+make; a resumed run keeps the choice its contract recorded.
 """
 
 from __future__ import annotations
@@ -124,17 +124,22 @@ class DataLengths:
 
 
 def data_lengths(recipe: Recipe) -> DataLengths:
-    """The longest rows of the recipe's own data (`ftl plan --data`): its sources read and tokenised as the
-    stage will (training rows packed when the run packs them; evaluation examples from the first
-    eval.max_examples of validation and test; RL prompts ready for generation)."""
+    """The longest rows of the recipe's own data (`ftl plan --data`), its sources read here."""
     from ftl.data import load_splits
-    from ftl.data.packing import pack_sequences
-    from ftl.data.tokenize import encode_records, generation_prompt, render_response
     from ftl.models.load import load_tokenizer, record_texts
 
+    splits, _ = load_splits(recipe.data)
+    return measured_lengths(recipe, splits, load_tokenizer(recipe.model, record_texts(splits.train)))
+
+
+def measured_lengths(recipe: Recipe, splits, tokenizer) -> DataLengths:
+    """The longest rows of read data, tokenised as the stage will (training rows packed when the run packs
+    them; evaluation examples from the first eval.max_examples of validation and test; RL prompts ready
+    for generation)."""
+    from ftl.data.packing import pack_sequences
+    from ftl.data.tokenize import encode_records, generation_prompt, render_response
+
     d = recipe.data
-    splits, _ = load_splits(d)
-    tokenizer = load_tokenizer(recipe.model, record_texts(splits.train))
     # what evaluation scores: validation while training, and test at the end
     validation = splits.validation[: recipe.eval.max_examples] + splits.test[: recipe.eval.max_examples]
 
@@ -275,8 +280,8 @@ def plan_with_checkpointing(recipe: Recipe, shape: ModelShape, setup: Setup, len
     setting = recipe.model.gradient_checkpointing if setting is None else setting
     unchecked_work = recipe_workload(recipe, False, lengths)
     unchecked = estimate(shape, setup, unchecked_work)
-    # a run decides from the recipe alone, before its data is read: then its lengths are data.max_length's,
-    # which the real rows may fall far below (the manifest's plan is for the rows the data gave)
+    # without the data's lengths (`ftl plan` without --data) the rows are data.max_length's, which the real
+    # rows may fall far below; a run decides on the lengths its data gives
     known = lengths.prompt if unchecked_work.rl is not None else lengths.train
     rows = workload_rows(unchecked_work) + ("" if known else " (data.max_length: the data is not read yet)")
     choice = decide_checkpointing(setting, unchecked, rows)
@@ -309,10 +314,12 @@ def make_plan(recipe: Recipe, commands: list[str] = (), lengths: DataLengths = D
                 lengths)
 
 
-def checkpointing_choice(recipe: Recipe, shape: Optional[ModelShape] = None) -> CheckpointingChoice:
-    """What a run of this recipe does about gradient checkpointing, and why (from the recipe alone)."""
+def checkpointing_choice(recipe: Recipe, shape: Optional[ModelShape] = None,
+                         lengths: DataLengths = DataLengths()) -> CheckpointingChoice:
+    """What a run of this recipe does about gradient checkpointing, and why (for data.max_length's rows
+    unless lengths says what the data gives)."""
     shape = shape or model_shape(recipe)
-    return plan_with_checkpointing(recipe, shape, recipe_setup(recipe))[1]
+    return plan_with_checkpointing(recipe, shape, recipe_setup(recipe), lengths)[1]
 
 
 def render_plan(plan: Plan) -> str:

@@ -40,8 +40,8 @@ from ftl.evaluate.report import write_report
 from ftl.methods import METHODS, apply_method, save_trained, trainable_summary
 from ftl.models.attention import check_attention, packs_rows
 from ftl.models.load import base_model_dir, load_model, load_tokenizer, model_origin, record_texts
-from ftl.plan import (CheckpointingChoice, DataLengths, checkpointing_choice, model_shape, plan_with_checkpointing,
-                      recipe_setup)
+from ftl.plan import (CheckpointingChoice, DataLengths, checkpointing_choice, measured_lengths, model_shape,
+                      plan_with_checkpointing, recipe_setup)
 from ftl.run_dir import ensure_run_dir
 from ftl.run_lock import RunLock, RunLocked
 from ftl.track.manifest import update_manifest, write_manifest
@@ -108,7 +108,7 @@ class RunSession:
         # read and checked on every rank before the run folder changes; a resume keeps its saved tokenizer
         template = self.recipe.data.chat_template
         self.chat_template = load_chat_template(template) if template and not self.resume else None
-        choice = self.resolve_checkpointing()  # before the contract: it holds the resolved choice
+        choice = self.resolve_checkpointing(splits)  # before the contract: it holds the resolved choice
         contract = make_contract(resolved_dict(self.recipe), splits.fingerprints())
         if self.resume:
             check_resume(self.run_dir, contract)
@@ -131,11 +131,12 @@ class RunSession:
         self.memory.mark("data")  # + the data and tokenizer: the baseline before any model loads
         return splits, tokenizer
 
-    def resolve_checkpointing(self) -> CheckpointingChoice:
-        """model.gradient_checkpointing as this run uses it. `auto` is decided by the plan from the recipe alone
-        (so `ftl plan` shows the same choice), or on --resume taken from the run's contract (the same choice
-        even if the rule changed since). The recipe then holds the resolved bool: the model loader, the
-        methods, TRL's arguments, the resolved recipe and the resume contract all read that one value."""
+    def resolve_checkpointing(self, splits) -> CheckpointingChoice:
+        """model.gradient_checkpointing as this run uses it. `auto` is decided by the plan for the rows this
+        run's data gives (so `ftl plan --data` shows the same choice), or on --resume taken from the run's
+        contract (the same choice even if the rule changed since). The recipe then holds the resolved bool:
+        the model loader, the methods, TRL's arguments, the resolved recipe and the resume contract all read
+        that one value."""
         model = self.recipe.model
         choice = None
         if model.gradient_checkpointing == "auto" and self.resume:
@@ -146,7 +147,9 @@ class RunSession:
         if choice is None:
             try:
                 self.shape = model_shape(self.recipe)
-                choice = checkpointing_choice(self.recipe, self.shape)
+                if model.gradient_checkpointing == "auto":
+                    self.lengths = self.data_lengths(splits)
+                choice = checkpointing_choice(self.recipe, self.shape, self.lengths)
             except Exception as err:  # noqa: BLE001 - an estimate must not stop a run; the manifest says why
                 self.shape = None
                 on = model.gradient_checkpointing is True
@@ -156,6 +159,17 @@ class RunSession:
         model.gradient_checkpointing = choice.on
         self.manifest_fields["gradient_checkpointing"] = choice.as_manifest()
         return choice
+
+    def data_lengths(self, splits) -> DataLengths:
+        """The longest rows the data gives, tokenised as the stage will; data.max_length's rows (unknown
+        lengths) if they cannot be measured, which the choice's reason then says."""
+        try:
+            tokenizer = load_tokenizer(self.recipe.model, record_texts(splits.train), chat_template=self.chat_template)
+            return measured_lengths(self.recipe, splits, tokenizer)
+        except Exception as err:  # noqa: BLE001 - the stage reports bad data itself, with its own error
+            self.accelerator.print(f"ftl: note: the data's lengths could not be measured ({type(err).__name__}: "
+                                   f"{err}); gradient checkpointing is decided for data.max_length")
+            return DataLengths()
 
     def note_lengths(self, **lengths: int) -> None:
         """The longest rows the stage's data gives (train, eval, prompt tokens): what the planned peak in the
