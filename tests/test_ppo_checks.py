@@ -1,4 +1,5 @@
-"""PPO recipe checks that need no model: train.epochs is refused by name, not silently ignored."""
+"""PPO checks that need no model: train.epochs is refused by name, not silently ignored; the comparison's
+reward-hacking diagnostics."""
 
 import pytest
 import yaml
@@ -31,3 +32,10 @@ def test_train_epochs_without_max_steps_is_refused_by_name(tmp_path):
 def test_max_steps_or_the_default_length_pass(tmp_path):
     check_iterations(ppo_recipe(tmp_path, {"lr": 1e-4, "epochs": 3, "max_steps": 5}))  # max_steps counts
     check_iterations(ppo_recipe(tmp_path, {"lr": 1e-4}))  # epochs left at its default: not set by the recipe
+
+
+def test_a_response_that_repeats_its_question_counts_as_an_echo():
+    from ftl.rl.compare import echoes
+
+    prompt = "<|im_start|>user\nRobots<|im_end|>\n<|im_start|>assistant\n"
+    assert echoes([prompt] * 4, ["Robots", " robots ", "Robots are machines", ""]) == [True, True, False, False]

@@ -165,6 +165,8 @@ class SourceConfig(Section):
     negatives: Literal["random", "length_matched"] = Field(
         "random", description="chatterbot preference pairs: the rejected answer (another category's) drawn from "
                               "all, or from those nearest in length to the chosen one, so length gives neither away")
+    echo_negatives: bool = Field(False, description="chatterbot preference pairs: also a pair per conversation "
+                                                    "with the question repeated back as the rejected answer")
     split: Optional[str] = Field(None, description="split name inside a saved DatasetDict, or a hub dataset's "
                                                    "split (default train)")
     name: Optional[str] = Field(None, description="hub dataset id (org/name) when kind is 'hub', read through the "
@@ -181,9 +183,10 @@ class SourceConfig(Section):
             raise ValueError(f"source kind '{self.kind}' needs a path")
         if self.kind == "hub" and not self.name:
             raise ValueError("source kind 'hub' needs a name (a hub dataset id such as org/dataset)")
-        if self.negatives != "random" and self.kind != "chatterbot":  # by value: a dumped config round-trips
-            raise ValueError(f"negatives: only chatterbot preference pairs are built by ftl (source kind "
-                             f"'{self.kind}' brings its own rejected answers)")
+        for key, default in (("negatives", "random"), ("echo_negatives", False)):
+            if getattr(self, key) != default and self.kind != "chatterbot":  # by value: a dump round-trips
+                raise ValueError(f"{key}: only chatterbot preference pairs are built by ftl (source kind "
+                                 f"'{self.kind}' brings its own rejected answers)")
         return self
 
 

