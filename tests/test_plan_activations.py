@@ -106,8 +106,8 @@ def test_auto_on_the_shipped_recipes(recipe, profile, overrides, expected):
     loaded = load_recipe(RECIPES / recipe, profile, overrides)
     choice = checkpointing_choice(loaded)
     assert choice.on is expected, choice.reason
-    # decided before the data is read: the reason says for which rows (data.max_length's), not the data's
-    assert f"x {loaded.data.max_length} tokens (data.max_length: the data is not read yet)" in choice.reason, \
+    # without the data's lengths the reason says for which rows: data.max_length's
+    assert f"x {loaded.data.max_length} tokens (data.max_length, not the data's own lengths)" in choice.reason, \
         choice.reason
 
 
@@ -121,7 +121,7 @@ def test_auto_decides_for_the_rows_the_data_gives():
     assert checkpointing_choice(recipe, shape).on is True
     measured = checkpointing_choice(recipe, shape, DataLengths(prompt=55))
     assert measured.on is False and "rollouts 16 x (55 + 24) tokens" in measured.reason, measured.reason
-    assert "not read" not in measured.reason
+    assert "own lengths" not in measured.reason
 
 
 def test_the_schema_defaults_to_auto_and_keeps_booleans():

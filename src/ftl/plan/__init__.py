@@ -283,7 +283,7 @@ def plan_with_checkpointing(recipe: Recipe, shape: ModelShape, setup: Setup, len
     # without the data's lengths (`ftl plan` without --data) the rows are data.max_length's, which the real
     # rows may fall far below; a run decides on the lengths its data gives
     known = lengths.prompt if unchecked_work.rl is not None else lengths.train
-    rows = workload_rows(unchecked_work) + ("" if known else " (data.max_length: the data is not read yet)")
+    rows = workload_rows(unchecked_work) + ("" if known else " (data.max_length, not the data's own lengths)")
     choice = decide_checkpointing(setting, unchecked, rows)
     work = recipe_workload(recipe, choice.on, lengths)
     return (estimate(shape, setup, work) if choice.on else unchecked), choice, work
