@@ -1,5 +1,5 @@
 """PPO checks that need no model: train.epochs is refused by name, not silently ignored; the comparison's
-reward-hacking diagnostics."""
+reward-hacking diagnostics and the judge's verdict."""
 
 import pytest
 import yaml
@@ -39,3 +39,16 @@ def test_a_response_that_repeats_its_question_counts_as_an_echo():
 
     prompt = "<|im_start|>user\nRobots<|im_end|>\n<|im_start|>assistant\n"
     assert echoes([prompt] * 4, ["Robots", " robots ", "Robots are machines", ""]) == [True, True, False, False]
+
+
+def test_the_judge_verdict_separates_finished_answers_from_better_ones():
+    from ftl.pipeline.policies import verdict
+
+    own = {"win_rate": 0.70}
+    judged = lambda win, raw, start: {"win_rate": win, "mean_raw_score": raw, "reference_mean_raw_score": start}  # noqa: E731
+    assert verdict(own, judged(0.59, 0.10, -0.05)) == "win confirmed"
+    # measured on small: judge win 0.59 from the SFT model's unfinished answers, judge score -0.07 vs -0.05
+    assert verdict(own, judged(0.59, -0.07, -0.05)) == "win confirmed only by finished answers (judge score not higher)"
+    assert verdict(own, judged(0.45, 0.10, -0.05)) == "reward-model win NOT confirmed by the judge"
+    assert verdict({"win_rate": 0.4}, judged(0.6, 0.1, 0.0)) == "no win"
+    assert verdict(own, None) == "-"

@@ -45,6 +45,9 @@ def verdict(own: dict, judged: Optional[dict]) -> str:
     wins, confirmed = own["win_rate"] > 0.5, judged["win_rate"] > 0.5
     if wins and not confirmed:
         return "reward-model win NOT confirmed by the judge"
+    if wins and judged["mean_raw_score"] <= judged["reference_mean_raw_score"]:
+        # the judge's win rate counts the missing-EOS penalty; its own score of the answers did not rise
+        return "win confirmed only by finished answers (judge score not higher)"
     if wins:
         return "win confirmed"
     return "no win"
