@@ -112,11 +112,12 @@ def test_auto_on_the_shipped_recipes(recipe, profile, overrides, expected):
 
 
 def test_auto_decides_for_the_rows_the_data_gives():
-    """A run decides once its data is read: RLOO on small plans 16 rollouts of 512 + 24 tokens from the
+    """A run decides once its data is read: RLOO on small with 16 rollouts plans 512 + 24 tokens each from the
     recipe alone (checkpointing on), but its prompts are ~55 tokens, where checkpointing only costs time."""
     from ftl.plan import DataLengths, model_shape
 
-    recipe = load_recipe(RECIPES / "rlhf" / "rloo.yaml", "small")
+    recipe = load_recipe(RECIPES / "rlhf" / "rloo.yaml", "small",
+                         ["model.gradient_checkpointing=auto", "ppo.rollout_batch=4", "ppo.mini_batch=8"])
     shape = model_shape(load_recipe(RECIPES / "rlhf" / "sft.yaml", "small"))  # the policy's architecture
     assert checkpointing_choice(recipe, shape).on is True
     measured = checkpointing_choice(recipe, shape, DataLengths(prompt=55))
