@@ -75,7 +75,9 @@ def policies_table(root: Path, stage_names: list[str]) -> list[str]:
     if not rows:
         return []
     return ["", "## Policies side by side", "",
-            "The same held-out prompts, sampled by each policy and by the model it started from (same seeds). "
+            "Each policy on its own recipe's held-out prompts and sampling settings, against the model it "
+            "started from on the same prompts with the same seeds (a different data share or temperature shows "
+            "as a different start). "
             "Reward: as optimised (reward model + missing-EOS penalty); judge: a reward model trained on a "
             "share of the data no stage saw (raw score). KL: exact, per response, to the starting model.", "",
             "| stage | algorithm | reward (start) | win rate | judge score (start) | judge win rate | KL (nats) | "
