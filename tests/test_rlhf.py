@@ -138,6 +138,20 @@ def test_ppo_raises_a_known_reward_while_kl_stays_bounded(pipeline_run, tmp_path
     assert result["mean_reward"] > result["reference_mean_reward"] + 0.8 and result["win_rate"] > 0.65
 
 
+def test_grpo_plans_for_its_prompts_when_checkpointing_is_set(pipeline_run, tmp_path):
+    """With checkpointing set (not auto, so not decided from the data) GRPO still plans its peak for the
+    prompts it tokenised, not data.max_length's: on small that was 47.8 GiB planned for 9.3 measured."""
+    _, _, out = pipeline_run
+    proc = run_ftl("run", str(ROOT / "recipes" / "rlhf" / "grpo.yaml"), "--profile", "tiny",
+                   f"model.path={out / 'sft' / 'final'}", f"reward.path={out / 'reward' / 'final'}",
+                   f"track.output_dir={tmp_path / 'grpo'}", "model.gradient_checkpointing=false",
+                   "train.max_steps=1", "eval.max_examples=2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / "grpo" / "manifest.json").read_text())
+    ppo_prompt = json.loads((out / "ppo" / "manifest.json").read_text())["memory"]["planned"]["lengths"]["prompt"]
+    assert manifest["memory"]["planned"]["lengths"]["prompt"] == ppo_prompt > 0  # the same prompt share
+
+
 def test_ppo_on_two_ranks_with_a_lora_policy(pipeline_run, tmp_path):
     _, _, out = pipeline_run
     proc = run_ftl("launch", str(ROOT / "recipes" / "rlhf" / "ppo.yaml"), "--profile", "tiny",

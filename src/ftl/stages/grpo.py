@@ -40,13 +40,15 @@ def run_grpo(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     session = RunSession(recipe, run_dir, resume)
     splits, tokenizer = session.open()
     tokenizer.padding_side = "left"  # TRL generates from left-padded prompts
+    texts = [generation_prompt(tokenizer, r, recipe.data.system_prompt)[0] for r in splits.train]
+    session.note_prompt_lengths(tokenizer, texts)  # what the planned peak in the manifest is computed for
     policy = session.prepare_model(tokenizer)
     reward = load_reward(recipe, session.accelerator.device)
     sampling = recipe.sampling
     args = GRPOConfig(num_generations=recipe.grpo.num_generations, beta=recipe.grpo.beta,
                       max_completion_length=sampling.max_new_tokens, temperature=sampling.temperature,
                       **trainer_arguments(recipe, run_dir, session.main))
-    prompts = [{"prompt": generation_prompt(tokenizer, r, recipe.data.system_prompt)[0]} for r in splits.train]
+    prompts = [{"prompt": text} for text in texts]
     trainer = GRPOTrainer(model=policy, reward_funcs=[trl_reward(reward, tokenizer)], args=args,
                           train_dataset=Dataset.from_list(prompts), processing_class=tokenizer,
                           callbacks=[metrics_callback(session.log)])

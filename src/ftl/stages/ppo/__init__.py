@@ -120,8 +120,7 @@ def run_ppo(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     prompts = [generation_prompt(tokenizer, r, recipe.data.system_prompt)[0] for r in splits.train]
     held_out = [generation_prompt(tokenizer, r, recipe.data.system_prompt)[0]
                 for r in session.validation_records(splits)]
-    session.note_lengths(prompt=max((len(ids) for ids in tokenizer(prompts, add_special_tokens=False).input_ids),
-                                    default=0))  # what the planned peak in the manifest is computed for
+    session.note_prompt_lengths(tokenizer, prompts)  # what the planned peak in the manifest is computed for
     models = PPOModels.prepare(session, tokenizer)
 
     step, total = 0, recipe.train.max_steps or 1
