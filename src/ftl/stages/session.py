@@ -177,9 +177,11 @@ class RunSession:
         self.lengths = replace(self.lengths, **lengths)
 
     def note_prompt_lengths(self, tokenizer, prompts: list[str]) -> None:
-        """RL stages: the longest prompt in tokens, which generation's and the update's rows are planned at."""
-        self.note_lengths(prompt=max((len(ids) for ids in tokenizer(prompts, add_special_tokens=False).input_ids),
-                                     default=0))
+        """RL stages: the longest prompt in tokens, which generation's and the update's rows are planned at
+        (already measured, the same way, when `auto` was decided from the data)."""
+        if self.lengths.prompt is None:
+            self.note_lengths(prompt=max((len(ids) for ids in tokenizer(prompts, add_special_tokens=False).input_ids),
+                                         default=0))
 
     def planned_memory(self) -> Optional[dict]:
         """`ftl plan`'s peak for this run's data lengths and resolved checkpointing (None without a shape)."""
