@@ -271,6 +271,18 @@ def test_a_judge_reward_is_refused_where_it_cannot_rescore_a_policy(runs, capsys
     refused(capsys, [runs["ppo"] / "final", "--reward", judge], "is a model folder; give a policy's run directory")
 
 
+def test_prompts_from_another_run_is_refused_unless_both_are_policy_runs(runs, capsys):
+    refused(capsys, [runs["classify"], "--prompts-from", runs["ppo"]],
+            f"--prompts-from {runs['ppo']}: it compares policies on the same prompts; {runs['classify']} holds a "
+            "classifier")
+    refused(capsys, [runs["ppo"], "--prompts-from", runs["reward"]],
+            f"--prompts-from {runs['reward']}: expected a policy's run directory (ppo, dpo or grpo), not a reward run")
+    refused(capsys, [runs["ppo"], "--prompts-from", runs["ppo"] / "final"], "not a model folder")
+    refused(capsys, [runs["ppo"] / "final", "--prompts-from", runs["ppo"]], "is a model folder; give a policy's run")
+    refused(capsys, [runs["ppo"], "--prompts-from", runs["ppo"], "--data", runs["ppo"] / "recipe.yaml"],
+            "--prompts-from and --data both choose the prompts: give one")
+
+
 def test_an_empty_split_and_a_policy_without_a_reward_are_refused(runs, trl_runs, tmp_path, capsys):
     refused(capsys, [trl_runs["dpo"], "--split", "test"], "the run's test split is empty (data.split.test: 0.0)")
     unrated = tmp_path / "dpo"

@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where to evaluate (default auto: CUDA when present; a 4/8-bit model stays where it loaded)")
     ev.add_argument("--reward", default=None, metavar="REWARD_MODEL",
                     help="a policy run: score with this reward-model folder instead of the run's reward (a judge)")
+    ev.add_argument("--prompts-from", default=None, metavar="POLICY_RUN",
+                    help="a policy run: compare on this other policy run's held-out prompts and sampling settings")
     _verbose_arg(ev)
     ev.set_defaults(handler=cmd_eval)
 
@@ -371,7 +373,7 @@ def cmd_eval(args) -> int:
     from ftl.evaluate.target import evaluate_target
 
     evaluate_target(args.target, data=args.data, fmt=args.format, split=args.split, out=args.out,
-                    device=args.device, reward=args.reward)
+                    device=args.device, reward=args.reward, prompts_from=args.prompts_from)
     return 0
 
 

@@ -12,7 +12,7 @@ same rows (and seeds) give the same numbers. A test ties the rows to the stage t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -43,6 +43,7 @@ class EvalJob:
     device: torch.device
     max_new_tokens: int
     samples: int
+    also: dict[str, Recipe] = field(default_factory=dict)  # a policy's responses also scored by these recipes' rewards
 
 
 def evaluate_lm(job: EvalJob) -> dict:
@@ -85,7 +86,8 @@ def evaluate_policy(job: EvalJob) -> dict:
     policy, tokenizer = load_causal_lm(job.path, True, job.device)
     device = model_device(policy)
     start = base_model_dir(recipe.model, tokenizer, recipe.train.seed, job.path)
-    metrics = compare_with_initial(device, policy, start, tokenizer, recipe, job.records, load_reward(recipe, device))
+    metrics = compare_with_initial(device, policy, start, tokenizer, recipe, job.records, load_reward(recipe, device),
+                                   also={name: load_reward(other, device) for name, other in job.also.items()})
     return {**metrics, "device": str(device)}
 
 

@@ -117,19 +117,40 @@ def judged_by(run: Recipe, path: Path, kind: EvalKind, reward: str) -> Recipe:
                                                          missing_eos_penalty=penalty)})
 
 
+def on_prompts_of(run: Recipe, path: Path, kind: EvalKind, other: str) -> Recipe:
+    """The run's recipe with another policy run's held-out prompts and sampling (its data section, eval size
+    and sampling settings): policies trained on different data compared on the same prompts, drawn alike."""
+    if kind is not POLICY:
+        raise FtlError(f"--prompts-from {other}: it compares policies on the same prompts; {path} holds a "
+                       f"{kind.name.replace('_', ' ')}")
+    source, stage = open_target(Path(other))
+    if source is None or BY_STAGE[stage] is not POLICY:
+        raise FtlError(f"--prompts-from {other}: expected a policy's run directory (ppo, dpo or grpo), "
+                       f"not {'a model folder' if source is None else f'a {stage} run'}")
+    return run.model_copy(update={"data": source.data, "sampling": source.sampling,
+                                  "eval": run.eval.model_copy(update={"max_examples": source.eval.max_examples})})
+
+
 def evaluate_target(target: str, data: str | None = None, fmt: str | None = None, split: str = "validation",
                     out: str | None = None, max_new_tokens: int = 24, samples: int = 3, device: str = "auto",
-                    reward: str | None = None) -> dict:
+                    reward: str | None = None, prompts_from: str | None = None) -> dict:
     check_format(fmt, data)  # every refusal comes before a model loads
+    if prompts_from and data:
+        raise FtlError("--prompts-from and --data both choose the prompts: give one")
     wanted = eval_device(device, torch.cuda.is_available())
     path = Path(target)
     run, stage = open_target(path)
     kind = BY_STAGE[stage]
+    also = {}  # more rewards scoring the same responses: a judged run's own, next to the judge's
+    if (reward or prompts_from) and run is None:
+        flag = f"--reward {reward}" if reward else f"--prompts-from {prompts_from}"
+        raise FtlError(f"{flag}: {path} is a model folder; give a policy's run directory (its recipe names the "
+                       "model it started from)")
     if reward is not None:
-        if run is None:
-            raise FtlError(f"--reward {reward}: {path} is a model folder; give a policy's run directory (its "
-                           "recipe names the model it started from)")
+        also = {"run_reward": run} if run.reward is not None else {}
         run = judged_by(run, path, kind, reward)
+    if prompts_from is not None:
+        run = on_prompts_of(run, path, kind, prompts_from)
     fmt = format_to_score(kind, run, stage, path, data, fmt)
     data_cfg, records, source, kinds = records_to_score(run, path, data, fmt, split)
     check_kinds(kind, run, stage, path, data, kinds, fmt)
@@ -137,8 +158,10 @@ def evaluate_target(target: str, data: str | None = None, fmt: str | None = None
         data_cfg = data_cfg.model_copy(update={"format": next(iter(kinds))})
     recipe = run.model_copy(update={"data": data_cfg}) if run else \
         Recipe.model_validate({"name": path.name, "stage": stage, "data": data_cfg.model_dump()})
-    metrics = kind.evaluate(EvalJob(path, run is not None, recipe, records, source, wanted, max_new_tokens, samples))
-    metrics.update(stage=stage, kind=kind.name, data=source, **({"judged_by": str(reward)} if reward else {}))
+    metrics = kind.evaluate(EvalJob(path, run is not None, recipe, records, source, wanted, max_new_tokens, samples,
+                                    also))
+    metrics.update(stage=stage, kind=kind.name, data=source, **({"judged_by": str(reward)} if reward else {}),
+                   **({"prompts_from": str(prompts_from)} if prompts_from else {}))
     json_path, md_path = write_report(Path(out) if out else path / "eval", {"eval": metrics})
     print(metrics_line(f"{path} ({kind.name}, {len(records)} records from {source})", metrics))
     print(f"ftl: wrote {json_path} and {md_path}")

@@ -1,11 +1,13 @@
-"""A pipeline's policies side by side (PPO, RLOO, REINFORCE++, DPO, GRPO, ...): each policy stage's own
-end-of-run comparison with the model it started from, re-scored by the pipeline's judge — a reward model
-trained on a share of the data no policy saw — and one table of reward, judge reward, win rates, KL, wall
-time and peak memory. A win under the stages' reward model that the judge does not confirm is said so.
+"""A pipeline's policies side by side (PPO, RLOO, REINFORCE++, DPO, GRPO, ...): every policy stage compared
+with the model it started from on the same held-out prompts drawn with the same sampling settings (the first
+policy stage's), scored by its own reward model and by the pipeline's judge — a reward model trained on a
+share of the data no policy saw — in one table of reward, judge reward, win rates, KL, wall time and peak
+memory. A win under the stages' reward model that the judge does not confirm is said so.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Optional
@@ -18,21 +20,32 @@ JUDGE_STAMP = "judged.json"  # what was judged (stage + judge fingerprints): an 
 
 
 def judge_policies(plans, judge) -> None:
-    """Re-score every policy stage's held-out comparison with the judge's reward model (`ftl eval STAGE
-    --reward JUDGE`: the same prompts and seeds, hence the same responses, as the stage's own comparison)."""
+    """Compare every policy stage with its starting model on the first policy stage's held-out prompts and
+    sampling, scored by the judge and by the stage's own reward (`ftl eval STAGE --reward JUDGE --prompts-from
+    FIRST`: for the first stage, the very responses of its own end-of-run comparison)."""
     from ftl.evaluate.target import evaluate_target  # torch loads only when a pipeline has a judge
 
-    for plan in plans:
-        if plan is judge or not STAGES[plan.recipe.stage].policy:
-            continue
+    policies = [plan for plan in plans if plan is not judge and STAGES[plan.recipe.stage].policy]
+    if not policies:
+        return
+    first = policies[0]
+    prompts = prompts_fingerprint(first.recipe)
+    for plan in policies:
         out = plan.stage_dir / JUDGE_DIR
-        stamp = {"stage": plan.fingerprint, "judge": judge.fingerprint}
+        stamp = {"stage": plan.fingerprint, "judge": judge.fingerprint, "prompts": prompts}
         if (out / "eval.json").exists() and (out / JUDGE_STAMP).exists() and \
                 json.loads((out / JUDGE_STAMP).read_text()) == stamp:
             continue
         print(f"ftl pipeline: judging stage '{plan.name}' with '{judge.name}' ({judge.output})", flush=True)
-        evaluate_target(str(plan.stage_dir), out=str(out), reward=str(judge.output))
+        evaluate_target(str(plan.stage_dir), out=str(out), reward=str(judge.output), prompts_from=str(first.stage_dir))
         (out / JUDGE_STAMP).write_text(json.dumps(stamp))
+
+
+def prompts_fingerprint(recipe) -> str:
+    """What picks and draws the common comparison: the first policy stage's data, eval size and sampling."""
+    what = {"data": recipe.data.model_dump(), "max_examples": recipe.eval.max_examples,
+            "sampling": recipe.sampling.model_dump()}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def read_json(path: Path) -> Optional[dict]:
@@ -54,15 +67,18 @@ def verdict(own: dict, judged: Optional[dict]) -> str:
 
 
 def policies_table(root: Path, stage_names: list[str]) -> list[str]:
-    """Markdown lines: one row per policy stage that has finished its comparison (empty when none has)."""
-    rows = []
+    """Markdown lines: one row per policy stage that has finished its comparison (empty when none has). Rows
+    come from the judge's common comparison where the pipeline has a judge, else from each stage's own."""
+    rows, common = [], []
     for name in stage_names:
         stage_dir = root / name
         evaluation, manifest = read_json(stage_dir / "eval.json"), read_json(stage_dir / layout.MANIFEST_FILE)
         if not evaluation or not manifest or "win_rate" not in evaluation.get("after", {}):
             continue
-        own = evaluation["after"]
         judged = (read_json(stage_dir / JUDGE_DIR / "eval.json") or {}).get("eval")
+        own = judged["run_reward"] if judged and "run_reward" in judged else evaluation["after"]
+        if judged and "prompts_from" in judged:
+            common.append((Path(judged["prompts_from"]).name, judged["responses"]))
         stamp = read_json(stage_dir / "stage.json") or {}
         method = (manifest.get("ppo") or {}).get("advantage") or manifest["stage"]
         peak = (manifest.get("memory") or {}).get("peak_bytes")
@@ -70,16 +86,22 @@ def policies_table(root: Path, stage_names: list[str]) -> list[str]:
                     f"{own['win_rate']:.2f} | "
                     + (f"{judged['mean_raw_score']:.3f} (start {judged['reference_mean_raw_score']:.3f}) | "
                        f"{judged['win_rate']:.2f} | " if judged else "- | - | ")
-                    + f"{own['kl_to_reference']:.3f} | {stamp.get('seconds', '-')} | "
+                    + f"{(judged or own)['kl_to_reference']:.3f} | {stamp.get('seconds', '-')} | "
                     f"{f'{peak / 2**30:.2f}' if peak else '-'} | {verdict(own, judged)} |")
     if not rows:
         return []
-    return ["", "## Policies side by side", "",
-            "Each policy on its own recipe's held-out prompts and sampling settings, against the model it "
-            "started from on the same prompts with the same seeds (a different data share or temperature shows "
-            "as a different start). "
-            "Reward: as optimised (reward model + missing-EOS penalty); judge: a reward model trained on a "
-            "share of the data no stage saw (raw score). KL: exact, per response, to the starting model.", "",
+    if len(common) == len(rows) and len(set(common)) == 1:
+        (first, responses), = set(common)
+        where = (f"Every policy on the same held-out prompts, those of stage '{first}', drawn with its sampling "
+                 f"settings and the same seeds ({responses} responses per policy), each against the model it started "
+                 "from on those prompts.")
+    else:
+        where = ("Each policy on its own recipe's held-out prompts and sampling settings, against the model it "
+                 "started from on the same prompts with the same seeds (a different data share or temperature shows "
+                 "as a different start).")
+    return ["", "## Policies side by side", "", where + " "
+            "Reward: as optimised (the stages' reward model + missing-EOS penalty); judge: a reward model trained "
+            "on a share of the data no stage saw (raw score). KL: exact, per response, to the starting model.", "",
             "| stage | algorithm | reward (start) | win rate | judge score (start) | judge win rate | KL (nats) | "
             "wall time (s) | peak memory (GiB) | verdict |",
             "|---|---|---|---|---|---|---|---|---|---|"] + rows

@@ -5,6 +5,7 @@ policy run with the model it started from, through the same functions (so it rep
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -61,10 +62,11 @@ def echoes(prompts: list[str], texts: list[str]) -> list[bool]:
 @torch.no_grad()
 def compare_policies(device, policy, reference: Reference, reward: RewardFunction, tokenizer,
                      prompts: list[str], sampling: SamplingConfig, samples: int = 4, repeats: int = 4,
-                     chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> dict:
+                     chunk_tokens: int = DEFAULT_CHUNK_TOKENS, also: Optional[dict[str, RewardFunction]] = None) -> dict:
     """Sampled responses of both on the same prompts (repeated `repeats` times), on `device` (the
     accelerator's in a run). KL is exact per token (full distributions) along the policy's responses, summed
-    over each response. Every rank runs it alike."""
+    over each response. `also`: more rewards scoring the same responses, each reported under its name (reward,
+    raw score and win rate). Every rank runs it alike."""
     if not prompts:
         return {}
     prompts = prompts * repeats
@@ -72,23 +74,14 @@ def compare_policies(device, policy, reference: Reference, reward: RewardFunctio
     with reference.model() as ref_model:
         ref_out = sampled_responses(ref_model, tokenizer, prompts, sampling, device)
     kl = (response_kl(policy, reference, policy_out, chunk_tokens) * policy_out.mask).sum(-1)
-
-    def scores(r: Responses) -> tuple[torch.Tensor, torch.Tensor]:
-        """(as optimised: score + missing-EOS penalty, the reward model / function alone)"""
-        raw = reward(r.sequences, r.attention_mask, r.position_ids, r.texts).float()
-        return reward.with_eos_penalty(raw, r.has_eos), raw
-
-    (policy_scores, policy_raw), (ref_scores, ref_raw) = scores(policy_out), scores(ref_out)
+    (policy_scores, policy_raw), (ref_scores, ref_raw) = scores(reward, policy_out), scores(reward, ref_out)
     return {
-        "mean_reward": policy_scores.mean().item(),
-        "reference_mean_reward": ref_scores.mean().item(),
-        "mean_raw_score": policy_raw.mean().item(),
-        "reference_mean_raw_score": ref_raw.mean().item(),
+        **summary(policy_scores, policy_raw, ref_scores, ref_raw),
+        **{name: summary(*scores(extra, policy_out), *scores(extra, ref_out)) for name, extra in (also or {}).items()},
         "eos_fraction": policy_out.has_eos.float().mean().item(),
         "reference_eos_fraction": ref_out.has_eos.float().mean().item(),
         "echo_fraction": sum(echoes(prompts, policy_out.texts)) / len(prompts),
         "reference_echo_fraction": sum(echoes(prompts, ref_out.texts)) / len(prompts),
-        "win_rate": ((policy_scores > ref_scores).float() + 0.5 * (policy_scores == ref_scores).float()).mean().item(),
         "kl_to_reference": kl.mean().item(),
         "responses": len(prompts),
         "samples": [{"prompt": prompts[i], "reference": ref_out.texts[i], "generation": policy_out.texts[i],
@@ -97,11 +90,29 @@ def compare_policies(device, policy, reference: Reference, reward: RewardFunctio
     }
 
 
+def scores(reward: RewardFunction, r: Responses) -> tuple[torch.Tensor, torch.Tensor]:
+    """(as optimised: score + missing-EOS penalty, the reward model / function alone)"""
+    raw = reward(r.sequences, r.attention_mask, r.position_ids, r.texts).float()
+    return reward.with_eos_penalty(raw, r.has_eos), raw
+
+
+def summary(policy_scores, policy_raw, ref_scores, ref_raw) -> dict:
+    """Both models' responses under one reward: means, raw means and the policy's win rate (ties count half)."""
+    return {
+        "mean_reward": policy_scores.mean().item(),
+        "reference_mean_reward": ref_scores.mean().item(),
+        "mean_raw_score": policy_raw.mean().item(),
+        "reference_mean_raw_score": ref_raw.mean().item(),
+        "win_rate": ((policy_scores > ref_scores).float() + 0.5 * (policy_scores == ref_scores).float()).mean().item(),
+    }
+
+
 def compare_with_initial(device, policy, initial_dir: Path, tokenizer, recipe: Recipe,
-                         records: list[dict], reward: RewardFunction) -> dict:
+                         records: list[dict], reward: RewardFunction,
+                         also: Optional[dict[str, RewardFunction]] = None) -> dict:
     """A trained (unwrapped) policy against the model it started from (`initial_dir`) on the records'
     prompts, exactly as PPO reports it: DPO and GRPO at the end of a run, `ftl eval` of any policy run."""
     initial = load_frozen(recipe, initial_dir).to(device)
     prompts = [generation_prompt(tokenizer, r, recipe.data.system_prompt)[0] for r in records]
     return compare_policies(device, policy, Reference.frozen_model(initial), reward, tokenizer, prompts,
-                            recipe.sampling, chunk_tokens=recipe.train.loss_chunk_tokens)
+                            recipe.sampling, chunk_tokens=recipe.train.loss_chunk_tokens, also=also)
