@@ -27,8 +27,9 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 demo: venv
 	$(PY) -m ftl run recipes/sft_chat.yaml --profile small
 
+# --durations: the slowest tests in every log, to keep the suite under its 30-minute budget
 test: venv
-	$(PY) -m pytest -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -ra --durations=25 $(PYTEST_ARGS)
 
 test-fast: venv
 	$(PY) -m pytest -ra -m "not slow and not slurm" $(PYTEST_ARGS)

@@ -33,8 +33,8 @@ def test_pipeline_hands_artifacts_on_and_ppo_raises_the_reward(pipeline_run):
     # RM score + missing-EOS penalty, mean of the first vs last 5 steps: measured 0.39 -> 0.86 (noisy per step)
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.2, rewards
     ppo_eval = json.loads((out / "ppo" / "eval.json").read_text())["after"]
-    # 64 held-out responses vs the SFT model's: measured 1.04 vs 0.65, win rate 0.66; on another CPU (no
-    # avx512_bf16) the same seeds gave 0.79 vs 0.54, win rate 0.52 (fewer finished answers: 0.23 vs 0.44)
+    # 64 held-out responses vs the SFT model's: measured 1.04 vs 0.65, win rate 0.66; on a later machine the
+    # same seeds and packages gave 0.79 vs 0.54, win rate 0.52 (fewer finished answers: 0.23 vs 0.44)
     assert ppo_eval["mean_reward"] > ppo_eval["reference_mean_reward"] + 0.2 and ppo_eval["win_rate"] > 0.5
     assert 0 < ppo_eval["kl_to_reference"] < 10 and 0 <= ppo_eval["echo_fraction"] <= 1
     manifest = json.loads((out / "ppo" / "manifest.json").read_text())
