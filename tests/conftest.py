@@ -50,6 +50,19 @@ def tiny_recipe_dict(run_dir: Path, **sections) -> dict:
     return recipe
 
 
+def tiny_ppo_recipe(tiny_recipe, name: str, advantage: str, samples_per_prompt: int):
+    """PPO's tiny run on the letter-count reward, from a fresh tiny model, with `advantage`: 16 responses per step."""
+    return tiny_recipe(f"{name}.yaml", stage="ppo",
+                       data={"format": "prompts", "packing": False},
+                       reward={"kind": "function", "function": "ftl.rl.reward_functions:count_substring",
+                               "kwargs": {"target": "e"}, "missing_eos_penalty": None},
+                       sampling={"max_new_tokens": 12},
+                       ppo={"advantage": advantage, "samples_per_prompt": samples_per_prompt,
+                            "rollout_batch": 16 // samples_per_prompt, "mini_batch": 8, "kl_coef": 0.05},
+                       train={"lr": 1e-2, "max_steps": 20, "save_every": 20, "warmup_steps": 0},
+                       eval={"max_examples": 8})
+
+
 def write_recipe(path: Path, recipe: dict) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path

@@ -8,7 +8,7 @@ import statistics
 import pytest
 import torch
 
-from conftest import read_jsonl, run_ftl, torchrun_two_ranks
+from conftest import read_jsonl, run_ftl, tiny_ppo_recipe, torchrun_two_ranks
 from ftl.config.schema import PPOConfig
 from ftl.rl.advantages import advantages
 
@@ -86,19 +86,6 @@ def test_reinforce_pp_normalises_over_the_tokens_of_both_ranks(tmp_path):
     z = [(x - mean) / std for x in tokens]
     expected = [[[z[0], z[1], z[2]], [z[3], z[4], 0.0]], [[z[5], z[6], z[7]], [z[8], 0.0, 0.0]]]
     assert torch.allclose(torch.tensor(report["advantages"]), torch.tensor(expected), atol=1e-5), report
-
-
-def tiny_ppo_recipe(tiny_recipe, name: str, advantage: str, samples_per_prompt: int):
-    """PPO's tiny run on the letter-count reward, from a fresh tiny model, with `advantage`: 16 responses per step."""
-    return tiny_recipe(f"{name}.yaml", stage="ppo",
-                       data={"format": "prompts", "packing": False},
-                       reward={"kind": "function", "function": "ftl.rl.reward_functions:count_substring",
-                               "kwargs": {"target": "e"}, "missing_eos_penalty": None},
-                       sampling={"max_new_tokens": 12},
-                       ppo={"advantage": advantage, "samples_per_prompt": samples_per_prompt,
-                            "rollout_batch": 16 // samples_per_prompt, "mini_batch": 8, "kl_coef": 0.05},
-                       train={"lr": 1e-2, "max_steps": 20, "save_every": 20, "warmup_steps": 0},
-                       eval={"max_examples": 8})
 
 
 @pytest.mark.slow

@@ -509,7 +509,11 @@ class PPOConfig(Section):
     rollout_batch: int = Field(8, gt=0, description="prompts per rank per iteration")
     mini_batch: int = Field(4, gt=0)
     ppo_epochs: int = Field(2, gt=0)
-    kl_coef: float = Field(0.05, ge=0)
+    kl_coef: float = Field(0.05, ge=0, description="weight of the KL penalty (its start when kl_target is set)")
+    kl_target: Optional[float] = Field(
+        None, gt=0, description="adaptive KL (ftl.rl.kl_control): after each iteration kl_coef is multiplied by "
+                                "1 + clip(KL / kl_target - 1, -0.2, 0.2), KL the mean summed KL per response; "
+                                "None: kl_coef stays fixed")
     gamma: float = Field(1.0, gt=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
     clip_range: float = Field(0.2, gt=0)

@@ -24,6 +24,7 @@ from ftl.models.load import load_model
 from ftl.rl import maths
 from ftl.rl.advantages import ESTIMATORS, advantages as estimate_advantages
 from ftl.rl.compare import compare_policies
+from ftl.rl.kl_control import next_kl_coef
 from ftl.rl.reference import Reference, load_partitioned
 from ftl.rl.reward import load_reward
 from ftl.rl.rollout import Rollout, collect, ignores_position_ids, response_logprobs, response_values, trimmed
@@ -97,11 +98,12 @@ def ppo_step(accelerator, policy, value_model, optimizer, rollout: Rollout, adva
     return {k: torch.stack(v).mean() for k, v in stats.items()}
 
 
-def advantages_for(rollout: Rollout, cfg):
-    """(advantages, returns or None, per-sequence KL) by cfg.advantage; reinforce_pp's is a collective."""
+def advantages_for(rollout: Rollout, cfg, kl_coef: float):
+    """(advantages, returns or None, per-sequence KL) by cfg.advantage, the KL penalised by `kl_coef` (the
+    iteration's: cfg.kl_coef, or where ppo.kl_target has moved it); reinforce_pp's is a collective."""
     kl = maths.kl_estimate(rollout.logprobs, rollout.ref_logprobs, "k1") * rollout.response_mask
     advantages, returns = estimate_advantages(cfg.advantage, rollout.scores, kl, rollout.response_mask,
-                                              rollout.values, cfg)
+                                              rollout.values, cfg.model_copy(update={"kl_coef": kl_coef}))
     return advantages, returns, kl.sum(-1)
 
 
@@ -123,9 +125,10 @@ def run_ppo(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     session.note_prompt_lengths(tokenizer, prompts)  # what the planned peak in the manifest is computed for
     models = PPOModels.prepare(session, tokenizer)
 
-    step, total = 0, recipe.train.max_steps or 1
+    step, total, kl_coef = 0, recipe.train.max_steps or 1, recipe.ppo.kl_coef
     if resume and (checkpoint := latest_checkpoint(run_dir)) is not None:
-        step = load_checkpoint(acc, checkpoint)["step"]
+        state = load_checkpoint(acc, checkpoint)
+        step, kl_coef = state["step"], state.get("kl_coef", kl_coef)  # an adaptive coefficient goes on where it was
         check_resume_step(step, total, checkpoint, acc.print)
     batches = micro_batches(len(prompts), recipe.ppo.rollout_batch, acc.num_processes, acc.process_index,
                             recipe.train.seed)
@@ -136,11 +139,13 @@ def run_ppo(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     with Watchdog(recipe.train.stall_timeout_s, run_dir, acc.process_index).running(step) as watchdog:
         while step < total:
             _, indices = next(batches)
-            session.log(ppo_iteration(session, models, tokenizer, [prompts[i] for i in indices], step))
+            record = ppo_iteration(session, models, tokenizer, [prompts[i] for i in indices], step, kl_coef)
+            session.log(record)
+            kl_coef = next_kl_coef(kl_coef, record["kl"], recipe.ppo.kl_target)  # the KL mean of all ranks
             step += 1
             watchdog.beat(step)
-            if checkpoint_and_maybe_stop(acc, run_dir, step, {"step": step, "total": total}, recipe.train, stop,
-                                         last=step == total):
+            if checkpoint_and_maybe_stop(acc, run_dir, step, {"step": step, "total": total, "kl_coef": kl_coef},
+                                         recipe.train, stop, last=step == total):
                 break
 
     result = FitResult(steps=step, interrupted=step < total)
@@ -251,15 +256,16 @@ def load_value_model(session: RunSession, tokenizer):
     return value
 
 
-def ppo_iteration(session: RunSession, models: PPOModels, tokenizer, prompts: list[str], step: int) -> dict:
-    """One PPO iteration: sample and score a rollout, then several epochs of clipped updates; returns the
-    metrics record of optimizer step `step + 1`, averaged over ranks."""
+def ppo_iteration(session: RunSession, models: PPOModels, tokenizer, prompts: list[str], step: int,
+                  kl_coef: float) -> dict:
+    """One PPO iteration: sample and score a rollout, then several epochs of clipped updates with the KL
+    penalised by `kl_coef`; returns the metrics record of optimizer step `step + 1`, averaged over ranks."""
     recipe, acc = session.recipe, session.accelerator
     k = recipe.ppo.samples_per_prompt
     prompts = [p for p in prompts for _ in range(k)]  # a prompt's k samples on contiguous rows
     rollout = collect(models.unwrapped_policy, models.reference, models.value, models.reward, tokenizer, prompts,
                       recipe.sampling, acc.device, recipe.train.loss_chunk_tokens)
-    advantages, returns, kl = advantages_for(rollout, recipe.ppo)
+    advantages, returns, kl = advantages_for(rollout, recipe.ppo, kl_coef)
     started = time.perf_counter()
     stats = ppo_step(acc, models.policy, models.value, models.optimizer, rollout, advantages, returns, recipe.ppo,
                      recipe.train.grad_clip, seed=recipe.train.seed * 100003 + step,
@@ -271,4 +277,4 @@ def ppo_iteration(session: RunSession, models: PPOModels, tokenizer, prompts: li
     values = acc.reduce(values, reduction="mean") if acc.num_processes > 1 else values
     return {"step": step + 1, **{k: v.item() for k, v in zip(stats, values)},
             "generation_seconds": rollout.generation_seconds, "training_seconds": train_seconds,
-            "episodes": len(prompts) * acc.num_processes, "lr": recipe.train.lr}
+            "episodes": len(prompts) * acc.num_processes, "lr": recipe.train.lr, "kl_coef": kl_coef}
