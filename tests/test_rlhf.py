@@ -65,7 +65,8 @@ def test_every_policy_is_judged_on_common_prompts_by_a_reward_model_no_stage_saw
     _, _, out = pipeline_run
     report = (out / "pipeline_report.md").read_text()
     table = report.split("## Policies side by side")[1]
-    assert "Every policy on the same held-out prompts" in table and "those of stage 'ppo'" in table and "(64 responses per policy)" in table, table
+    assert "Every policy on the same held-out prompts" in table and "those of stage 'ppo'" in table and \
+        "(64 responses per policy)" in table, table
     references = set()
     for stage in ("ppo", "rloo", "reinforce_pp", "dpo", "grpo"):
         own = json.loads((out / stage / "eval.json").read_text())["after"]

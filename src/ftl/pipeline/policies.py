@@ -7,7 +7,6 @@ memory. A win under the stages' reward model that the judge does not confirm is 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Optional
@@ -16,7 +15,7 @@ from ftl import run_dir as layout
 from ftl.config.stages import STAGES
 
 JUDGE_DIR = "judge"          # STAGE_DIR/judge/eval.json: the judge's re-scoring of the stage's comparison
-JUDGE_STAMP = "judged.json"  # what was judged (stage + judge fingerprints): an unchanged rerun skips it
+JUDGE_STAMP = "judged.json"  # what was judged (stage, judge, common prompts): an unchanged rerun skips it
 
 
 def judge_policies(plans, judge) -> None:
@@ -24,12 +23,15 @@ def judge_policies(plans, judge) -> None:
     sampling, scored by the judge and by the stage's own reward (`ftl eval STAGE --reward JUDGE --prompts-from
     FIRST`: for the first stage, the very responses of its own end-of-run comparison)."""
     from ftl.evaluate.target import evaluate_target  # torch loads only when a pipeline has a judge
+    from ftl.pipeline import fingerprint  # the package imports this module first
 
     policies = [plan for plan in plans if plan is not judge and STAGES[plan.recipe.stage].policy]
     if not policies:
         return
     first = policies[0]
-    prompts = prompts_fingerprint(first.recipe)
+    # what picks and draws the common comparison: the first policy stage's data, eval size and sampling
+    prompts = fingerprint({"data": first.recipe.data.model_dump(), "max_examples": first.recipe.eval.max_examples,
+                           "sampling": first.recipe.sampling.model_dump()}, {})
     for plan in policies:
         out = plan.stage_dir / JUDGE_DIR
         stamp = {"stage": plan.fingerprint, "judge": judge.fingerprint, "prompts": prompts}
@@ -39,13 +41,6 @@ def judge_policies(plans, judge) -> None:
         print(f"ftl pipeline: judging stage '{plan.name}' with '{judge.name}' ({judge.output})", flush=True)
         evaluate_target(str(plan.stage_dir), out=str(out), reward=str(judge.output), prompts_from=str(first.stage_dir))
         (out / JUDGE_STAMP).write_text(json.dumps(stamp))
-
-
-def prompts_fingerprint(recipe) -> str:
-    """What picks and draws the common comparison: the first policy stage's data, eval size and sampling."""
-    what = {"data": recipe.data.model_dump(), "max_examples": recipe.eval.max_examples,
-            "sampling": recipe.sampling.model_dump()}
-    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def read_json(path: Path) -> Optional[dict]:
