@@ -120,6 +120,10 @@ RECIPE_TEXT = {
     "rloo with one sample per prompt": ("name: t\nstage: ppo\nppo: {advantage: rloo}\nreward: {kind: function, "
                                         "function: 'm:f'}\ndata: {source: {kind: chatterbot}, format: prompts}\n",
                                         r"ppo\.samples_per_prompt: advantage 'rloo' .*needs at least 2 \(got 1\)"),
+    "kl target from a zero coefficient": ("name: t\nstage: ppo\nppo: {kl_coef: 0, kl_target: 2}\nreward: {kind: "
+                                          "function, function: 'm:f'}\ndata: {source: {kind: chatterbot}, format: "
+                                          "prompts}\n", r"ppo\.kl_target 2\.0 adapts kl_coef .*needs ppo\.kl_coef "
+                                                         r"above 0 as its start \(got 0\)"),
     "profiles not a mapping": ("name: t\nprofiles: [tiny]\ndata: {source: {kind: chatterbot}, format: chat}\n",
                                r"'profiles' must map names to overrides"),
     "training data given twice": ("name: t\ndata: {source: {kind: chatterbot}, sources: [{kind: chatterbot}], "

@@ -528,6 +528,14 @@ class PPOConfig(Section):
                              f"samples of its prompt: needs at least 2 (got {self.samples_per_prompt})")
         return self
 
+    @model_validator(mode="after")
+    def _kl_target_needs_a_start(self):
+        # the rule multiplies kl_coef: from 0 it would stay 0 and the target would silently do nothing
+        if self.kl_target is not None and self.kl_coef == 0:
+            raise ValueError(f"ppo.kl_target {self.kl_target} adapts kl_coef by multiplying it: needs "
+                             f"ppo.kl_coef above 0 as its start (got 0)")
+        return self
+
 
 class DPOOptions(Section):
     beta: float = Field(0.1, gt=0, description="strength of the implicit KL constraint")
