@@ -17,7 +17,7 @@ from ftl.models.quantize import bnb_config, guard_cpu_4bit_gradients, own_unquan
 from ftl.models.smollm2 import smollm2_dir
 from ftl.models.tiny import build_tiny_model, train_tiny_tokenizer
 from ftl.packages import package_dir
-from ftl.track.memory import release_freed_memory
+from ftl.track.memory import freeze_live_objects_once, release_freed_memory
 
 
 # what a hub model's snapshot needs for transformers to load it: not the duplicate checkpoints some repos
@@ -138,6 +138,7 @@ def load_model(cfg: ModelConfig, base_dir: Path, quant_bits: Optional[int] = Non
     if head == "sequence_classification":
         kwargs["num_labels"] = num_labels
     auto = getattr(transformers, HEADS[head])
+    freeze_live_objects_once()  # the libraries' objects, before any model exists: later collections skip them
     if cfg.init == "scratch":  # the same architecture, freshly initialised (seeded by train.seed)
         if quant_bits:
             raise RecipeError("model.init 'scratch' with a quantised method: quantising random weights "
