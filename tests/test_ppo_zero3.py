@@ -2,7 +2,8 @@
 policy and value model train in one engine, the reference (a frozen copy of the initial policy) and the reward
 model are partitioned in inference engines of their own. Checked: each rank holds half of every model; the first
 iteration's losses equal a 1-process run's on the same rollout; the gathered final/ is a full model that loads on
-one process; the critic-free rloo runs and trains on the same engines."""
+one process; the critic-free rloo runs and trains on the same engines, and so does a critic shared with the
+policy's trunk (ppo.critic: shared)."""
 
 import json
 
@@ -141,3 +142,21 @@ def test_rloo_under_zero3_with_a_full_policy(start_models, tmp_path):
     # that it trained shows in the KL to the reference after one update and in the final weights
     assert abs(rows[1]["kl"]) > 1e-6
     assert_final_is_the_trained_full_policy(tmp_path / "rloo" / "final", start_models / "sft", held["policy"][1])
+
+
+@pytest.mark.slow
+def test_a_shared_critic_under_zero3_is_a_partitioned_head_trained_with_the_policy(start_models, tmp_path):
+    """ppo.critic shared: the value head sits in the policy's engine, partitioned like the rest; step 1 matches a
+    1-process run (a fresh head values everything at 0: the value loss is 0.5 x the mean squared return)."""
+    shared = ["ppo.critic=shared", *SAME_ROLLOUT]
+    single, single_rows = ppo_run(start_models, tmp_path / "one", *shared, "ppo.rollout_batch=4", "ppo.mini_batch=4",
+                                  zero3=False)
+    manifest, rows = ppo_run(start_models, tmp_path / "z3", *shared, "ppo.rollout_batch=2", "ppo.mini_batch=2",
+                             zero3=True)
+    assert manifest["ppo"]["critic"] == single["ppo"]["critic"] == "shared"
+    held = assert_each_rank_holds_half(manifest, ["policy", "value", "reference", "reward"])
+    assert held["value"][1] == 32 + 1  # hidden size + bias: no second model
+    for key in ("policy_loss", "value_loss", "reward", "kl", "entropy"):
+        assert rows[0][key] == pytest.approx(single_rows[0][key], abs=TOLERANCE, rel=TOLERANCE), key
+    assert rows[0]["value_loss"] > 10 * TOLERANCE and rows[1]["value_loss"] != rows[0]["value_loss"]
+    assert_final_is_the_trained_full_policy(tmp_path / "z3" / "final", start_models / "sft", held["policy"][1])

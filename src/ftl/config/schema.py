@@ -499,13 +499,19 @@ ADVANTAGE_ESTIMATORS = ("gae", "rloo", "reinforce_pp")
 class PPOConfig(Section):
     """PPO's rollout + clipped policy update, with the advantage estimator chosen by `advantage`: gae (a value
     model, PPO proper), or the critic-free rloo (Ahmadian et al. 2024) and reinforce_pp (REINFORCE++, Hu 2025),
-    which build no value model (value_from, lam, clip_range_value, vf_coef and whiten_advantages are then unused)."""
+    which build no value model (critic, value_from, lam, clip_range_value, vf_coef and whiten_advantages are then
+    unused)."""
 
     advantage: Literal[ADVANTAGE_ESTIMATORS] = Field(
         "gae", description="advantage estimator: gae (value model), rloo (leave-one-out baseline over "
                            "samples_per_prompt samples), reinforce_pp (returns normalised over the global batch)")
     samples_per_prompt: int = Field(1, gt=0, description="responses sampled per prompt (rloo needs at least 2)")
-    value_from: Literal["reward", "policy"] = Field("reward", description="initialise the value model from")
+    critic: Literal["separate", "shared"] = Field(
+        "separate", description="gae's value model: separate (a model of its own, initialised from value_from) or "
+                                "shared (a scalar head on the policy's last hidden state, ftl.rl.value_head: one "
+                                "forward and backward per mini-batch and no second model; the value loss also "
+                                "trains the policy's weights)")
+    value_from: Literal["reward", "policy"] = Field("reward", description="initialise a separate value model from")
     rollout_batch: int = Field(8, gt=0, description="prompts per rank per iteration")
     mini_batch: int = Field(4, gt=0)
     ppo_epochs: int = Field(2, gt=0)

@@ -177,14 +177,17 @@ def _token_logprobs(head, hidden, targets, temperature: float, with_entropy: boo
 
 
 def chunked_response_logprobs(model, inputs: dict, sequences: torch.Tensor, prompt_length: int,
-                              temperature: float, with_entropy: bool, chunk_tokens: int):
+                              temperature: float, with_entropy: bool, chunk_tokens: int, hidden_out: list | None = None):
     """log p(sequences[:, prompt_length:]) at `temperature` ([B, R]), and the entropy of each of those
-    distributions when asked: log_softmax(logits[:, prompt_length-1:-1].float() / temperature) gathered."""
+    distributions when asked: log_softmax(logits[:, prompt_length-1:-1].float() / temperature) gathered.
+    hidden_out: a list that receives the last hidden states these come from ([B, R, H], in the graph)."""
     length = sequences.shape[1]
     targets = sequences[:, prompt_length:]
 
     def compute(hidden, head):
         rows = hidden[:, -length:][:, prompt_length - 1:-1]
+        if hidden_out is not None:
+            hidden_out.append(rows)
         flat = _chunked(_token_logprobs, head, rows.reshape(-1, rows.shape[-1]), targets.reshape(-1),
                         chunk_tokens=chunk_tokens, extra=(temperature, with_entropy))
         return flat.view(*targets.shape, *flat.shape[1:])

@@ -191,7 +191,9 @@ def recipe_workload(recipe: Recipe, checkpointing: bool, lengths: DataLengths = 
                         prompt_tokens=min(lengths.prompt or d.max_length, d.max_length),
                         response_tokens=recipe.sampling.max_new_tokens, reference_copy=reference_copy,
                         reward_model=recipe.reward is not None and recipe.reward.kind == "model",
-                        value_model=recipe.stage == "ppo" and ESTIMATORS[recipe.ppo.advantage].value_model,
+                        # a shared critic is a head on the policy: no model, states or activations of its own
+                        value_model=recipe.stage == "ppo" and ESTIMATORS[recipe.ppo.advantage].value_model
+                        and recipe.ppo.critic == "separate",
                         eval_sequences=(ev.max_examples or RL_EVAL_PROMPTS) * RL_EVAL_REPEATS)
     evaluating = has_evaluation(recipe) and recipe.stage in ("sft", "upft", "classify", "reward")
     prompts = len(ev.generate.prompts) + ev.generate.from_validation if recipe.stage in ("sft", "upft") else 0

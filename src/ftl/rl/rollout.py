@@ -9,9 +9,10 @@ from dataclasses import dataclass
 import torch
 
 from ftl.config.schema import SamplingConfig
-from ftl.models.chunked_loss import DEFAULT_CHUNK_TOKENS, chunked_response_logprobs
+from ftl.models.chunked_loss import DEFAULT_CHUNK_TOKENS, chunked_response_logprobs, hidden_states
 from ftl.models.scoring import token_scores
 from ftl.rl.maths import entropy_from_logits
+from ftl.rl.value_head import is_value_head
 
 
 @dataclass
@@ -66,22 +67,37 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def response_logprobs(model, sequences, attention_mask, position_ids, prompt_length: int,
-                      temperature: float, with_entropy: bool = False, chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+                      temperature: float, with_entropy: bool = False, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                      hidden_out: list | None = None):
     """log p(response token) at `temperature` ([B, R]) and, with_entropy, each distribution's entropy.
-    chunk_tokens > 0: without the full-vocabulary logits (ftl.models.chunked_loss); 0: from them."""
+    chunk_tokens > 0: without the full-vocabulary logits (ftl.models.chunked_loss); 0: from them.
+    hidden_out: a list that receives the last hidden states at the same positions ([B, R, H], in the graph:
+    what a critic sharing the policy's trunk reads)."""
     inputs = {"input_ids": sequences, "attention_mask": attention_mask, "position_ids": position_ids,
               "use_cache": False}
     if chunk_tokens:
         return chunked_response_logprobs(model, inputs, sequences, prompt_length, temperature, with_entropy,
-                                         chunk_tokens)
+                                         chunk_tokens, hidden_out)
+    out = model(**inputs, output_hidden_states=hidden_out is not None)
     # virtual tokens a prompt method prepends come first: the sequence is the last positions
-    logits = model(**inputs).logits[:, -sequences.shape[1]:][:, prompt_length - 1:-1].float() / temperature
+    response = lambda t: t[:, -sequences.shape[1]:][:, prompt_length - 1:-1]  # noqa: E731
+    if hidden_out is not None:
+        hidden_out.append(response(out.hidden_states[-1]))
+    logits = response(out.logits).float() / temperature
     targets = sequences[:, prompt_length:]
     logprobs = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return (logprobs, entropy_from_logits(logits)) if with_entropy else logprobs
 
 
-def response_values(value_model, sequences, attention_mask, position_ids, prompt_length: int) -> torch.Tensor:
+def response_values(value_model, sequences, attention_mask, position_ids, prompt_length: int,
+                    policy=None) -> torch.Tensor:
+    """[B, R] values of the response positions: a separate value model's, or (ftl.rl.value_head) a head on the
+    policy's last hidden states, read without the vocabulary logits."""
+    if is_value_head(value_model):
+        inputs = {"input_ids": sequences, "attention_mask": attention_mask, "position_ids": position_ids,
+                  "use_cache": False}
+        hidden, _ = hidden_states(policy, inputs)
+        return value_model(hidden[:, -sequences.shape[1]:][:, prompt_length - 1:-1])
     return token_scores(value_model, sequences, attention_mask, position_ids)[:, prompt_length - 1:-1]
 
 
@@ -174,11 +190,18 @@ def collect(policy, reference, value_model, reward, tokenizer, prompts: list[str
     r = sample_responses(policy, tokenizer, prompts, sampling, device, with_logprobs=reuse)
     generation_seconds = time.perf_counter() - started
     seq, attention, pos, prompt_length = r.sequences, r.attention_mask, r.position_ids, r.prompt_length
+    # a critic on the policy's trunk reads the hidden states of the policy's scoring forward, when there is one
+    hidden = [] if is_value_head(value_model) and not reuse else None
     logprobs = r.logprobs if reuse else response_logprobs(policy, seq, attention, pos, prompt_length,
-                                                          sampling.temperature, chunk_tokens=chunk_tokens)
+                                                          sampling.temperature, chunk_tokens=chunk_tokens,
+                                                          hidden_out=hidden)
     ref_logprobs = reference.logprobs(seq, attention, pos, prompt_length, sampling.temperature, chunk_tokens)
-    values = (torch.zeros_like(logprobs) if value_model is None  # a critic-free estimator: no value model
-              else response_values(value_model, seq, attention, pos, prompt_length))
+    if value_model is None:  # a critic-free estimator: no value model
+        values = torch.zeros_like(logprobs)
+    elif hidden:
+        values = value_model(hidden[0])
+    else:
+        values = response_values(value_model, seq, attention, pos, prompt_length, policy=policy)
     scores = reward.with_eos_penalty(reward(seq, attention, pos, r.texts).float(), r.has_eos)
     return Rollout(**(vars(r) | {"logprobs": logprobs}), ref_logprobs=ref_logprobs, values=values, scores=scores,
                    generation_seconds=generation_seconds, temperature=sampling.temperature,

@@ -28,6 +28,7 @@ from ftl.rl.kl_control import next_kl_coef
 from ftl.rl.reference import Reference, load_partitioned
 from ftl.rl.reward import load_reward
 from ftl.rl.rollout import Rollout, collect, ignores_position_ids, response_logprobs, response_values, trimmed
+from ftl.rl.value_head import ValueHead, is_value_head
 from ftl.stages.session import RunSession
 from ftl.train.checkpoint import latest_checkpoint, load_checkpoint
 from ftl.train.distributed import is_sharded
@@ -65,6 +66,7 @@ def ppo_step(accelerator, policy, value_model, optimizer, rollout: Rollout, adva
         value_model.train()
     # a mini-batch runs on the columns its rows use (exact: see trimmed), unless the policy ignores position ids
     trim = not ignores_position_ids(policy)
+    shared_critic = is_value_head(value_model)
     for epoch in range(cfg.ppo_epochs):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
         for start in range(0, n, cfg.mini_batch):
@@ -74,13 +76,15 @@ def ppo_step(accelerator, policy, value_model, optimizer, rollout: Rollout, adva
             if trim:
                 seq, mask, pos, prompt_length, width = trimmed(seq, mask, pos, prompt_length)
             resp_mask = rollout.response_mask[idx, :width]
+            hidden = [] if shared_critic else None  # the policy's forward is the critic's too
             logprobs, entropy = response_logprobs(policy, seq, mask, pos, prompt_length, rollout.temperature,
-                                                  with_entropy=True, chunk_tokens=chunk_tokens)
+                                                  with_entropy=True, chunk_tokens=chunk_tokens, hidden_out=hidden)
             pg_loss, clip_fraction = maths.policy_loss(logprobs, rollout.logprobs[idx, :width],
                                                        advantages[idx, :width], resp_mask, cfg.clip_range)
             loss = pg_loss
             if value_model is not None:
-                values = response_values(value_model, seq, mask, pos, prompt_length)
+                values = value_model(hidden[0]) if shared_critic else \
+                    response_values(value_model, seq, mask, pos, prompt_length)
                 vf_loss, vf_clip = maths.value_loss(values, rollout.values[idx, :width], returns[idx, :width],
                                                     resp_mask, cfg.clip_range_value)
                 loss = pg_loss + cfg.vf_coef * vf_loss
@@ -172,12 +176,12 @@ class PPOModels:
         with_value = ESTIMATORS[recipe.ppo.advantage].value_model
         session.record("ppo", {"reference": reference_kind, "reward": recipe.reward.kind,
                                "advantage": recipe.ppo.advantage, "samples_per_prompt": recipe.ppo.samples_per_prompt,
-                               "value_model": with_value})
+                               "value_model": with_value, **({"critic": recipe.ppo.critic} if with_value else {})})
         cls.check_reference(recipe.method.kind, self.sharded)
         policy = session.prepare_model(tokenizer)
         if not self.sharded:
             self.reward = load_reward(recipe)  # on the CPU until the engines are prepared
-        value = load_value_model(session, tokenizer) if with_value else None
+        value = load_value_model(session, tokenizer, policy) if with_value else None
         t = recipe.train
         modules = [policy] + ([value] if value is not None else [])
         params = [p for m in modules for p in m.parameters() if p.requires_grad]
@@ -245,9 +249,12 @@ class PPOModels:
             for name, n in held.items()))
 
 
-def load_value_model(session: RunSession, tokenizer):
-    """gae's value model: from the reward model (ppo.value_from reward, a model reward) or the policy's base."""
+def load_value_model(session: RunSession, tokenizer, policy):
+    """gae's value model: a head on the policy's trunk (ppo.critic shared, ftl.rl.value_head), or a model of its
+    own from the reward model (ppo.value_from reward, a model reward) or the policy's base."""
     recipe = session.recipe
+    if recipe.ppo.critic == "shared":
+        return ValueHead(policy.config.hidden_size)
     from_reward = recipe.ppo.value_from == "reward" and recipe.reward.kind == "model"
     value_dir = Path(recipe.reward.path) if from_reward else session.base_dir(tokenizer)
     value = load_model(recipe.model.model_copy(update={"gradient_checkpointing": False}), value_dir,
