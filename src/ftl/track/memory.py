@@ -51,7 +51,7 @@ def release_freed_memory() -> None:
     after an evaluation). glibc keeps what a phase freed resident (training's activations, allocated below its
     mmap threshold), and the next phase's large buffers (evaluation's logits, mmapped) land on top of it: a
     CPU run's peak would be training's plus evaluation's instead of the larger of the two (measured on SmolLM2
-    LoRA: 3.2 GB vs 2.3 GB). Milliseconds once the imports are frozen (freeze_live_objects_once); nothing
+    LoRA: 3.2 GB vs 2.3 GB). 0.04-0.07 s once the imports are frozen (freeze_live_objects_once); nothing
     on other platforms."""
     gc.collect()
     if not sys.platform.startswith("linux"):
@@ -67,7 +67,7 @@ _objects_frozen = False
 
 def freeze_live_objects_once() -> None:
     """Collect, then move every object still alive into the collector's permanent generation, once per process:
-    call it before the process's first model is built. By then the libraries are imported (~300k objects with
+    call it before the process's first model is built. By then the libraries are imported (~440k objects with
     torch, transformers, accelerate and deepspeed), and neither release_freed_memory's full collections nor
     the automatic ones need to scan them again (each scan took 0.2-0.3 s here, six per tiny run). Frozen objects
     are still freed by reference counting; only a cycle among them would never be, which is why no model may be
