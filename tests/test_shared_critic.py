@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from conftest import RECIPES, read_jsonl, run_ftl, tiny_ppo_recipe
@@ -78,7 +79,6 @@ def test_a_shared_critic_raises_a_known_reward_and_learns_values(tiny_recipe, tm
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["ppo"]["critic"] == "shared" and manifest["ppo"]["value_model"] is True
     checkpoint = next((run / "checkpoints").iterdir())
-    from safetensors.torch import load_file
     head = load_file(next(checkpoint.glob("model_1.safetensors")))
     assert {k: tuple(v.shape) for k, v in head.items()} == {"score.weight": (1, 32), "score.bias": (1,)}
     result = json.loads((run / "eval.json").read_text())["after"]

@@ -176,8 +176,15 @@ def _token_logprobs(head, hidden, targets, temperature: float, with_entropy: boo
     return torch.stack([chosen, -(logp.exp() * logp).sum(-1)], -1)
 
 
+def response_rows(per_position: torch.Tensor, length: int, prompt_length: int) -> torch.Tensor:
+    """The positions of a forward's output ([B, T, ...]) that predict sequences[:, prompt_length:] of [B, length]
+    sequences: the sequence is the last `length` positions (virtual tokens a prompt method prepends come first)."""
+    return per_position[:, -length:][:, prompt_length - 1:-1]
+
+
 def chunked_response_logprobs(model, inputs: dict, sequences: torch.Tensor, prompt_length: int,
-                              temperature: float, with_entropy: bool, chunk_tokens: int, hidden_out: list | None = None):
+                              temperature: float, with_entropy: bool, chunk_tokens: int,
+                              hidden_out: list | None = None):
     """log p(sequences[:, prompt_length:]) at `temperature` ([B, R]), and the entropy of each of those
     distributions when asked: log_softmax(logits[:, prompt_length-1:-1].float() / temperature) gathered.
     hidden_out: a list that receives the last hidden states these come from ([B, R, H], in the graph)."""
@@ -185,7 +192,7 @@ def chunked_response_logprobs(model, inputs: dict, sequences: torch.Tensor, prom
     targets = sequences[:, prompt_length:]
 
     def compute(hidden, head):
-        rows = hidden[:, -length:][:, prompt_length - 1:-1]
+        rows = response_rows(hidden, length, prompt_length)
         if hidden_out is not None:
             hidden_out.append(rows)
         flat = _chunked(_token_logprobs, head, rows.reshape(-1, rows.shape[-1]), targets.reshape(-1),

@@ -11,10 +11,10 @@ import torch
 
 from ftl.config.schema import Recipe, SamplingConfig
 from ftl.data.tokenize import generation_prompt
-from ftl.models.chunked_loss import DEFAULT_CHUNK_TOKENS, chunked_kl, hidden_states
+from ftl.models.chunked_loss import DEFAULT_CHUNK_TOKENS, chunked_kl, hidden_states, response_rows
 from ftl.rl.reference import Reference, load_frozen
 from ftl.rl.reward import RewardFunction
-from ftl.rl.rollout import Responses, sample_responses
+from ftl.rl.rollout import Responses, forward_inputs, sample_responses
 
 
 def sampled_responses(model, tokenizer, prompts: list[str], sampling: SamplingConfig, device,
@@ -25,13 +25,11 @@ def sampled_responses(model, tokenizer, prompts: list[str], sampling: SamplingCo
 
 
 def response_inputs(r: Responses) -> dict:
-    return {"input_ids": r.sequences, "attention_mask": r.attention_mask, "position_ids": r.position_ids,
-            "use_cache": False}
+    return forward_inputs(r.sequences, r.attention_mask, r.position_ids)
 
 
 def response_positions(per_position: torch.Tensor, r: Responses) -> torch.Tensor:
-    """The positions predicting the response (after any virtual tokens a prompt method prepends)."""
-    return per_position[:, -r.sequences.shape[1]:][:, r.prompt_length - 1:-1]
+    return response_rows(per_position, r.sequences.shape[1], r.prompt_length)
 
 
 def response_log_softmax(model, r: Responses) -> torch.Tensor:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ftl.config.schema import SamplingConfig
-from ftl.models.chunked_loss import DEFAULT_CHUNK_TOKENS, chunked_response_logprobs, hidden_states
+from ftl.models.chunked_loss import DEFAULT_CHUNK_TOKENS, chunked_response_logprobs, hidden_states, response_rows
 from ftl.models.scoring import token_scores
 from ftl.rl.maths import entropy_from_logits
 from ftl.rl.value_head import is_value_head
@@ -66,6 +66,12 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def forward_inputs(sequences, attention_mask, position_ids) -> dict:
+    """A scoring forward's keyword arguments: no KV cache (training and scoring read every position at once)."""
+    return {"input_ids": sequences, "attention_mask": attention_mask, "position_ids": position_ids,
+            "use_cache": False}
+
+
 def response_logprobs(model, sequences, attention_mask, position_ids, prompt_length: int,
                       temperature: float, with_entropy: bool = False, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
                       hidden_out: list | None = None):
@@ -73,17 +79,15 @@ def response_logprobs(model, sequences, attention_mask, position_ids, prompt_len
     chunk_tokens > 0: without the full-vocabulary logits (ftl.models.chunked_loss); 0: from them.
     hidden_out: a list that receives the last hidden states at the same positions ([B, R, H], in the graph:
     what a critic sharing the policy's trunk reads)."""
-    inputs = {"input_ids": sequences, "attention_mask": attention_mask, "position_ids": position_ids,
-              "use_cache": False}
+    inputs = forward_inputs(sequences, attention_mask, position_ids)
     if chunk_tokens:
         return chunked_response_logprobs(model, inputs, sequences, prompt_length, temperature, with_entropy,
                                          chunk_tokens, hidden_out)
     out = model(**inputs, output_hidden_states=hidden_out is not None)
-    # virtual tokens a prompt method prepends come first: the sequence is the last positions
-    response = lambda t: t[:, -sequences.shape[1]:][:, prompt_length - 1:-1]  # noqa: E731
+    length = sequences.shape[1]
     if hidden_out is not None:
-        hidden_out.append(response(out.hidden_states[-1]))
-    logits = response(out.logits).float() / temperature
+        hidden_out.append(response_rows(out.hidden_states[-1], length, prompt_length))
+    logits = response_rows(out.logits, length, prompt_length).float() / temperature
     targets = sequences[:, prompt_length:]
     logprobs = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return (logprobs, entropy_from_logits(logits)) if with_entropy else logprobs
@@ -94,10 +98,8 @@ def response_values(value_model, sequences, attention_mask, position_ids, prompt
     """[B, R] values of the response positions: a separate value model's, or (ftl.rl.value_head) a head on the
     policy's last hidden states, read without the vocabulary logits."""
     if is_value_head(value_model):
-        inputs = {"input_ids": sequences, "attention_mask": attention_mask, "position_ids": position_ids,
-                  "use_cache": False}
-        hidden, _ = hidden_states(policy, inputs)
-        return value_model(hidden[:, -sequences.shape[1]:][:, prompt_length - 1:-1])
+        hidden, _ = hidden_states(policy, forward_inputs(sequences, attention_mask, position_ids))
+        return value_model(response_rows(hidden, sequences.shape[1], prompt_length))
     return token_scores(value_model, sequences, attention_mask, position_ids)[:, prompt_length - 1:-1]
 
 

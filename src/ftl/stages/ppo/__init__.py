@@ -4,7 +4,8 @@ Per iteration: sample responses (ppo.samples_per_prompt per prompt) to a batch o
 (reward model or function) with a KL penalty to the frozen reference; advantages by `ppo.advantage`
 (ftl.rl.advantages: gae with a value model, whitened — PPO proper; or the critic-free rloo and reinforce_pp);
 then several PPO epochs of mini-batches with the clipped policy loss (and, for gae, the clipped value loss:
-policy and value model train together; critic-free estimators build no value model).
+policy and value model train together, or with ppo.critic shared a value head on the policy's own hidden states,
+ftl.rl.value_head; critic-free estimators build no value model).
 A LoRA policy's reference is the same model with its adapter disabled (no second copy in memory). Under
 ZeRO-3 a full policy's reference is a frozen copy loaded partitioned, with an inference engine of its own
 (ftl.rl.frozen_engine), and so is a reward model.
@@ -42,7 +43,7 @@ from ftl.train.watchdog import Watchdog
 class PolicyAndValue(torch.nn.Module):
     """One module for DeepSpeed: accelerate gives one engine per model, and ZeRO-3 gathers parameters
     through hooks on every submodule, so the policy and value model are called directly. value None: a
-    critic-free estimator's policy alone."""
+    critic-free estimator's policy alone; with a shared critic, value is the head (ftl.rl.value_head)."""
 
     def __init__(self, policy, value):
         super().__init__()
