@@ -52,3 +52,37 @@ def test_the_judge_verdict_separates_finished_answers_from_better_ones():
     assert verdict(own, judged(0.45, 0.10, -0.05)) == "reward-model win NOT confirmed by the judge"
     assert verdict({"win_rate": 0.4}, judged(0.6, 0.1, 0.0)) == "no win"
     assert verdict(own, None) == "-"
+
+
+def test_where_both_answers_finished_the_judge_compares_content_only():
+    from ftl.pipeline.policies import finished_cell, verdict
+
+    own = {"win_rate": 0.70}
+    # the judge's raw score fell (unfinished starting answers score high), yet among pairs where both finished
+    # it prefers the policy: better answers, not only finished ones
+    judged = {"win_rate": 0.59, "mean_raw_score": -0.07, "reference_mean_raw_score": -0.05,
+              "finished_win_rate": 0.56, "finished_pairs": 50}
+    assert verdict(own, judged) == "win confirmed"
+    assert finished_cell(judged) == "0.56 (50)"
+    judged["finished_win_rate"] = 0.5
+    assert verdict(own, judged).startswith("win confirmed only by finished answers (where both finished")
+    judged["finished_win_rate"] = None  # no pair where both finished: the raw means decide
+    assert verdict(own, judged) == "win confirmed only by finished answers (judge score not higher)"
+    assert finished_cell(judged) == "-"
+
+
+def test_the_finished_win_rate_takes_out_the_missing_eos_penalty():
+    import torch
+
+    from ftl.rl.compare import summary
+
+    policy_raw, ref_raw = torch.tensor([0.2, 0.1, 0.9, 0.3]), torch.tensor([0.5, 0.4, 0.1, 0.3])
+    finished_policy, finished_ref = torch.tensor([True, True, True, True]), torch.tensor([False, False, True, True])
+    # as optimised: the start's two unfinished answers pay a penalty of 1.0
+    policy_scores, ref_scores = policy_raw.clone(), ref_raw - 1.0 * ~finished_ref
+    out = summary(policy_scores, policy_raw, ref_scores, ref_raw, finished_policy & finished_ref)
+    assert out["win_rate"] == 0.875        # wins 0, 1 (penalty), 2; tie 3
+    assert out["finished_pairs"] == 2
+    assert out["finished_win_rate"] == 0.75  # pair 2 won, pair 3 tied
+    none = summary(policy_scores, policy_raw, ref_scores, ref_raw, torch.zeros(4, dtype=torch.bool))
+    assert none["finished_pairs"] == 0 and none["finished_win_rate"] is None

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, copy_rlhf_pipeline, read_jsonl, run_ftl, free_port
+from ftl.pipeline.policies import finished_cell
 
 pytestmark = pytest.mark.slow
 
@@ -86,6 +87,7 @@ def test_every_policy_is_judged_on_common_prompts_by_a_reward_model_no_stage_saw
         row = next(line for line in table.splitlines() if line.startswith(f"| {stage} |"))
         assert f"{proxy['win_rate']:.2f}" in row and f"{judged['win_rate']:.2f}" in row, row
         assert f"{judged['kl_to_reference']:.3f}" in row, row
+        assert f"| {finished_cell(judged)} |" in row and 0 <= judged["finished_pairs"] <= judged["responses"], row
         manifest = json.loads((out / stage / "manifest.json").read_text())
         assert f"{manifest['memory']['peak_bytes'] / 2**30:.2f}" in row, row
     assert len(references) == 1, references

@@ -53,12 +53,23 @@ def verdict(own: dict, judged: Optional[dict]) -> str:
     wins, confirmed = own["win_rate"] > 0.5, judged["win_rate"] > 0.5
     if wins and not confirmed:
         return "reward-model win NOT confirmed by the judge"
+    if wins and judged.get("finished_win_rate") is not None:
+        # the judge's win rate counts the missing-EOS penalty; where both answers ended, only their content counts
+        return ("win confirmed" if judged["finished_win_rate"] > 0.5 else
+                "win confirmed only by finished answers (where both finished, the judge does not prefer the policy)")
     if wins and judged["mean_raw_score"] <= judged["reference_mean_raw_score"]:
-        # the judge's win rate counts the missing-EOS penalty; its own score of the answers did not rise
+        # a comparison written before finished_win_rate existed: the judge's own score of the answers did not rise
         return "win confirmed only by finished answers (judge score not higher)"
     if wins:
         return "win confirmed"
     return "no win"
+
+
+def finished_cell(judged: Optional[dict]) -> str:
+    """The judge's win rate over the pairs where both responses ended with EOS, and how many there were."""
+    if not judged or judged.get("finished_win_rate") is None:
+        return "-"
+    return f"{judged['finished_win_rate']:.2f} ({judged['finished_pairs']})"
 
 
 def policies_table(root: Path, stage_names: list[str]) -> list[str]:
@@ -81,6 +92,7 @@ def policies_table(root: Path, stage_names: list[str]) -> list[str]:
                     f"{own['win_rate']:.2f} | "
                     + (f"{judged['mean_raw_score']:.3f} (start {judged['reference_mean_raw_score']:.3f}) | "
                        f"{judged['win_rate']:.2f} | " if judged else "- | - | ")
+                    + f"{finished_cell(judged)} | "
                     + f"{(judged or own)['kl_to_reference']:.3f} | {stamp.get('seconds', '-')} | "
                     f"{f'{peak / 2**30:.2f}' if peak else '-'} | {verdict(own, judged)} |")
     if not rows:
@@ -96,7 +108,9 @@ def policies_table(root: Path, stage_names: list[str]) -> list[str]:
                  "as a different start).")
     return ["", "## Policies side by side", "", where + " "
             "Reward: as optimised (the stages' reward model + missing-EOS penalty); judge: a reward model trained "
-            "on a share of the data no stage saw (raw score). KL: exact, per response, to the starting model.", "",
-            "| stage | algorithm | reward (start) | win rate | judge score (start) | judge win rate | KL (nats) | "
-            "wall time (s) | peak memory (GiB) | verdict |",
-            "|---|---|---|---|---|---|---|---|---|---|"] + rows
+            "on a share of the data no stage saw (raw score). Judge, both finished: the judge's win rate over the pairs "
+            "where both responses ended with EOS (their count), so finishing alone cannot win it. KL: exact, per "
+            "response, to the starting model.", "",
+            "| stage | algorithm | reward (start) | win rate | judge score (start) | judge win rate | "
+            "judge, both finished (pairs) | KL (nats) | wall time (s) | peak memory (GiB) | verdict |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"] + rows

@@ -73,9 +73,11 @@ def compare_policies(device, policy, reference: Reference, reward: RewardFunctio
         ref_out = sampled_responses(ref_model, tokenizer, prompts, sampling, device)
     kl = (response_kl(policy, reference, policy_out, chunk_tokens) * policy_out.mask).sum(-1)
     (policy_scores, policy_raw), (ref_scores, ref_raw) = scores(reward, policy_out), scores(reward, ref_out)
+    both_finished = policy_out.has_eos & ref_out.has_eos
     return {
-        **summary(policy_scores, policy_raw, ref_scores, ref_raw),
-        **{name: summary(*scores(extra, policy_out), *scores(extra, ref_out)) for name, extra in (also or {}).items()},
+        **summary(policy_scores, policy_raw, ref_scores, ref_raw, both_finished),
+        **{name: summary(*scores(extra, policy_out), *scores(extra, ref_out), both_finished)
+           for name, extra in (also or {}).items()},
         "eos_fraction": policy_out.has_eos.float().mean().item(),
         "reference_eos_fraction": ref_out.has_eos.float().mean().item(),
         "echo_fraction": sum(echoes(prompts, policy_out.texts)) / len(prompts),
@@ -94,14 +96,24 @@ def scores(reward: RewardFunction, r: Responses) -> tuple[torch.Tensor, torch.Te
     return reward.with_eos_penalty(raw, r.has_eos), raw
 
 
-def summary(policy_scores, policy_raw, ref_scores, ref_raw) -> dict:
-    """Both models' responses under one reward: means, raw means and the policy's win rate (ties count half)."""
+def win_rate(policy_scores: torch.Tensor, ref_scores: torch.Tensor) -> float:
+    """Pairs (the same prompt and seed) the policy wins; ties count half."""
+    return ((policy_scores > ref_scores).float() + 0.5 * (policy_scores == ref_scores).float()).mean().item()
+
+
+def summary(policy_scores, policy_raw, ref_scores, ref_raw, both_finished: torch.Tensor) -> dict:
+    """Both models' responses under one reward: means, raw means and the policy's win rate. The win rate counts
+    the missing-EOS penalty, so a policy that only learned to stop wins it; `finished_win_rate` compares the raw
+    scores of the pairs where both responses ended with EOS: better answers, with finishing taken out."""
+    finished = both_finished.bool()
     return {
         "mean_reward": policy_scores.mean().item(),
         "reference_mean_reward": ref_scores.mean().item(),
         "mean_raw_score": policy_raw.mean().item(),
         "reference_mean_raw_score": ref_raw.mean().item(),
-        "win_rate": ((policy_scores > ref_scores).float() + 0.5 * (policy_scores == ref_scores).float()).mean().item(),
+        "win_rate": win_rate(policy_scores, ref_scores),
+        "finished_pairs": int(finished.sum().item()),
+        "finished_win_rate": win_rate(policy_raw[finished], ref_raw[finished]) if finished.any() else None,
     }
 
 
