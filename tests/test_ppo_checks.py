@@ -63,7 +63,7 @@ def test_where_both_answers_finished_the_judge_compares_content_only():
     judged = {"win_rate": 0.59, "mean_raw_score": -0.07, "reference_mean_raw_score": -0.05,
               "finished_win_rate": 0.56, "finished_pairs": 50}
     assert verdict(own, judged) == "win confirmed"
-    assert finished_cell(judged) == "0.56 (50)"
+    assert finished_cell(judged) == "0.56 ± 0.07 (50)"  # sqrt(0.56 * 0.44 / 50) = 0.070
     judged["finished_win_rate"] = 0.5
     assert verdict(own, judged).startswith("win confirmed only by finished answers (where both finished")
     judged["finished_win_rate"] = None  # no pair where both finished: the raw means decide

@@ -66,10 +66,12 @@ def verdict(own: dict, judged: Optional[dict]) -> str:
 
 
 def finished_cell(judged: Optional[dict]) -> str:
-    """The judge's win rate over the pairs where both responses ended with EOS, and how many there were."""
+    """The judge's win rate over the pairs where both responses ended with EOS, its binomial standard error (a
+    few dozen pairs: 0.58 of 52 is 0.07 from even) and how many pairs there were."""
     if not judged or judged.get("finished_win_rate") is None:
         return "-"
-    return f"{judged['finished_win_rate']:.2f} ({judged['finished_pairs']})"
+    rate, pairs = judged["finished_win_rate"], judged["finished_pairs"]
+    return f"{rate:.2f} ± {(rate * (1 - rate) / pairs) ** 0.5:.2f} ({pairs})"
 
 
 def policies_table(root: Path, stage_names: list[str]) -> list[str]:
@@ -108,9 +110,9 @@ def policies_table(root: Path, stage_names: list[str]) -> list[str]:
                  "as a different start).")
     return ["", "## Policies side by side", "", where + " "
             "Reward: as optimised (the stages' reward model + missing-EOS penalty); judge: a reward model trained "
-            "on a share of the data no stage saw (raw score). Judge, both finished: the judge's win rate over the pairs "
-            "where both responses ended with EOS (their count), so finishing alone cannot win it. KL: exact, per "
-            "response, to the starting model.", "",
+            "on a share of the data no stage saw (raw score). Judge, both finished: the judge's win rate over the "
+            "pairs where both responses ended with EOS, with its binomial standard error and their count: finishing "
+            "alone cannot win it. KL: exact, per response, to the starting model.", "",
             "| stage | algorithm | reward (start) | win rate | judge score (start) | judge win rate | "
-            "judge, both finished (pairs) | KL (nats) | wall time (s) | peak memory (GiB) | verdict |",
+            "judge, both finished ± s.e. (pairs) | KL (nats) | wall time (s) | peak memory (GiB) | verdict |",
             "|---|---|---|---|---|---|---|---|---|---|---|"] + rows
