@@ -2,11 +2,30 @@
 Trainer and TRL users read their dashboards (train/loss, train/lr, eval/...; a pipeline's stages in one group,
 the stage as job type), checked in W&B's own offline run file."""
 
+import time
 from pathlib import Path
 
 import yaml
 
 from conftest import RECIPES, copy_rlhf_pipeline, run_ftl, tiny_recipe_dict, write_recipe
+
+
+def finished_wandb_records(folder: Path, timeout: float = 30.0) -> list:
+    """The records of the one offline run under folder/wandb, once its writer has flushed them: wandb.finish()
+    can return before the service process has written the file (seen once in CI, on a loaded machine: a file with
+    no records yet), so wait for its closing `exit` record."""
+    deadline, records = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        files = list(folder.glob("wandb/offline-run-*/run-*.wandb"))
+        assert len(files) <= 1, files
+        try:
+            records = list(wandb_records(files[0])) if files else []
+        except Exception:  # a record still being written  # noqa: BLE001
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        time.sleep(0.2)
+    return records
 
 
 def wandb_records(path: Path):
@@ -72,8 +91,7 @@ def test_wandb_names_metrics_as_trainer_does_and_sets_group_and_job_type(tmp_pat
     sink({"step": 1, "loss": 2.0, "lr": 0.1, "tokens": 64})
     sink({"step": 2, "eval/loss": 1.5})
     sink.finish()
-    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
-    records = list(wandb_records(run_file))
+    records = finished_wandb_records(tmp_path)
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert (run.run_group, run.job_type) == ("rlhf-tiny", "reward")
     logged = [{name for name in (i.key or "/".join(i.nested_key) for i in r.history.item) if name[0] != "_"}
