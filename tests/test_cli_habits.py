@@ -20,7 +20,7 @@ def finished_wandb_records(folder: Path, timeout: float = 30.0) -> list:
         assert len(files) <= 1, files
         try:
             records = list(wandb_records(files[0])) if files else []
-        except Exception:  # a record still being written  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - a record still being written
             records = []
         if any(r.WhichOneof("record_type") == "exit" for r in records):
             break

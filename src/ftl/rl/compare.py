@@ -104,16 +104,16 @@ def win_rate(policy_scores: torch.Tensor, ref_scores: torch.Tensor) -> float:
 def summary(policy_scores, policy_raw, ref_scores, ref_raw, both_finished: torch.Tensor) -> dict:
     """Both models' responses under one reward: means, raw means and the policy's win rate. The win rate counts
     the missing-EOS penalty, so a policy that only learned to stop wins it; `finished_win_rate` compares the raw
-    scores of the pairs where both responses ended with EOS: better answers, with finishing taken out."""
-    finished = both_finished.bool()
+    scores of the pairs where both responses ended with EOS (a bool mask): better answers, finishing taken out."""
     return {
         "mean_reward": policy_scores.mean().item(),
         "reference_mean_reward": ref_scores.mean().item(),
         "mean_raw_score": policy_raw.mean().item(),
         "reference_mean_raw_score": ref_raw.mean().item(),
         "win_rate": win_rate(policy_scores, ref_scores),
-        "finished_pairs": int(finished.sum().item()),
-        "finished_win_rate": win_rate(policy_raw[finished], ref_raw[finished]) if finished.any() else None,
+        "finished_pairs": int(both_finished.sum().item()),
+        "finished_win_rate": (win_rate(policy_raw[both_finished], ref_raw[both_finished])
+                              if both_finished.any() else None),
     }
 
 
