@@ -40,7 +40,8 @@ HERE = Path(__file__).resolve().parent
 TRL_VERSION = "1.12.0"
 TRL_DIR = Path(os.environ.get("FTL_TRL_PPO_DIR", Path.home() / ".cache/ftl" / f"trl-{TRL_VERSION}"))
 SETTINGS = {"rollout_batch": 8, "mini_batch": 4, "ppo_epochs": 2, "max_new_tokens": 16, "temperature": 1.0,
-            "kl_coef": 0.05, "lr": 3.0e-4, "seed": 0, "lora_r": 16, "lora_alpha": 32}
+            "kl_coef": 0.05, "lr": 3.0e-4, "seed": 0, "lora_r": 16, "lora_alpha": 32,
+            "precision": os.environ.get("FTL_BENCH_PPO_PRECISION", "fp32")}
 STEPS = {"tiny": 16, "smollm2": 3}
 N_PROMPTS = 64
 ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "TOKENIZERS_PARALLELISM": "false"}
@@ -114,7 +115,7 @@ def run_ftl(models: dict, method: str, steps: int, out: Path, critic: str = "sep
         f"ppo={{advantage: gae, critic: {critic}, value_from: reward, rollout_batch: {s['rollout_batch']}, "
         f"mini_batch: {s['mini_batch']}, ppo_epochs: {s['ppo_epochs']}, kl_coef: {s['kl_coef']}, gamma: 1.0, "
         f"lam: 0.95, clip_range: 0.2, clip_range_value: 0.2, vf_coef: 0.1, whiten_advantages: true}}",
-        f"train.lr={s['lr']}", "train.grad_clip=null", "train.weight_decay=0.0", "train.precision=fp32",
+        f"train.lr={s['lr']}", "train.grad_clip=null", "train.weight_decay=0.0", f"train.precision={s['precision']}",
         f"train.max_steps={steps}", f"train.save_every={steps}", f"train.seed={s['seed']}",
         "eval.max_examples=1", f"track.output_dir={run_dir}",
     ]

@@ -84,7 +84,7 @@ def main(config_path: str, out_path: str) -> None:
         response_length=cfg["max_new_tokens"], stop_token="eos", temperature=cfg["temperature"],
         missing_eos_penalty=None, kl_coef=cfg["kl_coef"], kl_estimator="k1", learning_rate=cfg["lr"],
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, seed=cfg["seed"], num_sample_generations=0,
-        bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False, report_to="none", save_strategy="no",
+        bf16=cfg["precision"] == "bf16", fp16=False, use_cpu=True, gradient_checkpointing=False, report_to="none", save_strategy="no",
         logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
     )
 

@@ -275,6 +275,7 @@ def test_handbook_style_inline_zero3_run_records_what_ran(inline_zero3_run):
     assert (runtime["deepspeed"], runtime["zero_stage"], runtime["backend"], runtime["world_size"]) == \
         (True, 3, "gloo", 2)
     assert (runtime["device"], runtime["offload_optimizer"], runtime["offload_param"]) == ("cpu", "none", "none")
+    assert manifest["host_allocator"]["mode"] == "reuse"  # auto on glibc: freed blocks stay for the next step
 
 
 @pytest.mark.parametrize("precision, device, bf16, fp16, use_cpu", [

@@ -52,6 +52,7 @@ from ftl.track.wandb_run import WandbSink
 from ftl.train.checkpoint import resume_point
 from ftl.train.controls import apply_freeze, check_loop_controls, trainable_names
 from ftl.train.distributed import describe_runtime, is_sharded, make_accelerator, rank_checks
+from ftl.train.host_allocator import apply_host_allocator
 from ftl.train.loop import FitResult, LossFn, fit
 from ftl.train.resume_contract import check_resume, check_resume_step, make_contract, read_contract, write_contract
 
@@ -63,6 +64,7 @@ class RunSession:
         self.recipe, self.run_dir, self.resume = recipe, Path(run_dir), resume
         check_loop_controls(recipe)
         check_attention(recipe)
+        allocator = apply_host_allocator(recipe.train.host_allocator)  # before the data and models exist
         self.accelerator = make_accelerator(recipe.train, recipe.launch)
         self.main = self.accelerator.is_main_process
         self.memory = MemoryProbe(self.accelerator.device)
@@ -76,7 +78,8 @@ class RunSession:
         self.manifest_fields: dict = {"world_size": self.accelerator.num_processes, "stage": recipe.stage,
                                       "profile": recipe.profile, "resumed_from_step": self.resume_step,
                                       "runtime": describe_runtime(self.accelerator),  # what really runs
-                                      "main_process_port": int(os.environ.get("MASTER_PORT") or 0) or None}
+                                      "main_process_port": int(os.environ.get("MASTER_PORT") or 0) or None,
+                                      "host_allocator": allocator}
 
     def _take_run_lock(self) -> None:
         """The main process locks the run directory; every rank learns the outcome (ranks share the

@@ -26,11 +26,12 @@ from ftl.run_dir import CONTRACT_FILE
 # loss's chunk size (the same loss and gradients, less memory: lower it and resume after running out; runs
 # started before the key existed resume too), and how torch runs the optimizer's update (train.optimizer_impl:
 # fused, foreach and single-tensor AdamW/SGD compute the same update up to float rounding and share one state
-# layout, so a checkpoint of one continues in another). Not train.compile: compiled blocks round differently
+# layout, so a checkpoint of one continues in another), and train.host_allocator (where freed host memory goes:
+# the same numbers either way; runs started before the key existed resume too). Not train.compile: compiled blocks round differently
 # from eager ones, so switching it mid-run would make a curve no single setting produces.
 ALLOWED = ("name", "description", "profile", "profiles.*", "eval.*", "track.*", "compare.*",
            "train.save_every", "train.keep_checkpoints", "train.log_every", "train.max_steps",
-           "train.loss_chunk_tokens", "train.optimizer_impl",
+           "train.loss_chunk_tokens", "train.optimizer_impl", "train.host_allocator",
            "train.stall_timeout_s", "train.early_stopping.patience", "launch.launcher", "launch.config_file",
            "launch.env.*", "launch.main_process_port", "launch.device_memory_gb", "launch.cpus_per_task",
            "launch.mem")
