@@ -11,7 +11,8 @@ fewer steps (STEPS). Rows: tiny and SmolLM2, each with a full and a LoRA policy.
 Both sides: 8 episodes per step (one response per prompt), 2 PPO epochs of 2 mini-batches of 4 (one optimizer
 step each), 16 response tokens at temperature 1 with EOS stopping (mean response tokens reported), no
 missing-EOS penalty, KL coef 0.05 (k1), GAE (gamma 1, lam 0.95), clip 0.2 / value clip 0.2, vf_coef 0.1, AdamW at
-a constant learning rate, no gradient clipping (TRL's PPO loop clips nothing), fp32 on the CPU, value model
+a constant learning rate, no gradient clipping (TRL's PPO loop clips nothing), fp32 on the CPU (SmolLM2 also in
+bf16: autocast over fp32 weights, `bf16=True` on TRL's side, the precision a GPU run uses), value model
 initialised from the reward model (TRL's convention), reference: a second copy of the policy (full) or the
 adapter-disabled policy (LoRA r 16, alpha 32, all linear layers, value model fully trained on both sides).
 
@@ -21,6 +22,9 @@ iteration function wrapped for timestamps. Measured per side: the training loop'
 after the first (from step-end timestamps), the whole command's episodes/s (subprocess wall clock), the
 generation share of the loop, and the process's peak RSS. TRL calls gc.collect() twice per step; that time is
 measured (gc.collect wrapped) and TRL is also reported without it — the goal (ftl >= 1.5x) is against the latter.
+ftl keeps freed host memory for reuse (`train.host_allocator: auto`, glibc settings made in its own process); TRL
+is also run with the same settings as environment variables (REUSE_ENV), and on SmolLM2 ftl also with glibc's
+defaults (`host_allocator: system`), so the table shows how much of each ratio the allocator is.
 """
 
 from __future__ import annotations
@@ -40,8 +44,10 @@ HERE = Path(__file__).resolve().parent
 TRL_VERSION = "1.12.0"
 TRL_DIR = Path(os.environ.get("FTL_TRL_PPO_DIR", Path.home() / ".cache/ftl" / f"trl-{TRL_VERSION}"))
 SETTINGS = {"rollout_batch": 8, "mini_batch": 4, "ppo_epochs": 2, "max_new_tokens": 16, "temperature": 1.0,
-            "kl_coef": 0.05, "lr": 3.0e-4, "seed": 0, "lora_r": 16, "lora_alpha": 32,
-            "precision": os.environ.get("FTL_BENCH_PPO_PRECISION", "fp32")}
+            "kl_coef": 0.05, "lr": 3.0e-4, "seed": 0, "lora_r": 16, "lora_alpha": 32}
+# glibc settings ftl's `train.host_allocator: auto` makes in its own process (ftl.train.host_allocator), given to
+# TRL's process as environment variables for a second TRL measurement: how much of the ratio is the allocator
+REUSE_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 STEPS = {"tiny": 16, "smollm2": 3}
 N_PROMPTS = 64
 ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "TOKENIZERS_PARALLELISM": "false"}
@@ -100,9 +106,11 @@ def smollm2_models(out: Path, prompts: str) -> dict:
     return {"policy": str(base), "reward": str(out / "reward"), "prompts": prompts}
 
 
-def run_ftl(models: dict, method: str, steps: int, out: Path, critic: str = "separate") -> dict:
+def run_ftl(models: dict, method: str, steps: int, out: Path, precision: str, critic: str = "separate",
+            allocator: str = "auto") -> dict:
     s = SETTINGS
-    name = f"ftl-{method}" + ("" if critic == "separate" else f"-{critic}")
+    name = f"ftl-{method}-{precision}" + ("" if critic == "separate" else f"-{critic}") + \
+        ("" if allocator == "auto" else f"-{allocator}")
     run_dir = out / name
     lora = f"{{kind: lora, lora: {{r: {s['lora_r']}, alpha: {s['lora_alpha']}, target_modules: all-linear}}}}"
     overrides = [
@@ -115,7 +123,8 @@ def run_ftl(models: dict, method: str, steps: int, out: Path, critic: str = "sep
         f"ppo={{advantage: gae, critic: {critic}, value_from: reward, rollout_batch: {s['rollout_batch']}, "
         f"mini_batch: {s['mini_batch']}, ppo_epochs: {s['ppo_epochs']}, kl_coef: {s['kl_coef']}, gamma: 1.0, "
         f"lam: 0.95, clip_range: 0.2, clip_range_value: 0.2, vf_coef: 0.1, whiten_advantages: true}}",
-        f"train.lr={s['lr']}", "train.grad_clip=null", "train.weight_decay=0.0", f"train.precision={s['precision']}",
+        f"train.lr={s['lr']}", "train.grad_clip=null", "train.weight_decay=0.0", f"train.precision={precision}",
+        f"train.host_allocator={allocator}",
         f"train.max_steps={steps}", f"train.save_every={steps}", f"train.seed={s['seed']}",
         "eval.max_examples=1", f"track.output_dir={run_dir}",
     ]
@@ -142,14 +151,15 @@ def run_ftl(models: dict, method: str, steps: int, out: Path, critic: str = "sep
             "max_rss_bytes": t["max_rss_bytes"]}
 
 
-def run_trl(models: dict, method: str, steps: int, out: Path) -> dict:
+def run_trl(models: dict, method: str, steps: int, out: Path, precision: str, env: dict | None = None) -> dict:
+    name = f"trl-{method}-{precision}" + ("-reuse" if env else "")
     config = {**SETTINGS, **models, "method": method, "steps": steps, "trl_dir": str(ensure_trl()),
-              "output_dir": str(out / f"trl-{method}")}
-    cfg_path, result_path = out / f"trl-{method}-config.json", out / f"trl-{method}-result.json"
+              "precision": precision, "output_dir": str(out / name)}
+    cfg_path, result_path = out / f"{name}-config.json", out / f"{name}-result.json"
     cfg_path.write_text(json.dumps(config))
     started = time.perf_counter()
     subprocess.run([sys.executable, str(HERE / "trl_ppo_runner.py"), str(cfg_path), str(result_path)], cwd=out,
-                   check=True, env=ENV, stdout=subprocess.DEVNULL)
+                   check=True, env={**ENV, **(env or {})}, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - started
     t = json.loads(result_path.read_text())
     ends = t["step_ends"]
@@ -172,13 +182,24 @@ def run_trl(models: dict, method: str, steps: int, out: Path) -> dict:
             "trl_version": t["trl_version"], "max_rss_bytes": t["max_rss_bytes"]}
 
 
-def compare(models: dict, method: str, steps: int, out: Path) -> dict:
+def compare(models: dict, method: str, steps: int, out: Path, precision: str, attribute: bool) -> dict:
     """Like for like (ftl's separate critic, TRL's separate value model), and ftl's shared critic beside it:
-    a different model (a value head on the policy's trunk, ftl.rl.value_head), which TRL 1.12 cannot run."""
-    ftl, trl = run_ftl(models, method, steps, out), run_trl(models, method, steps, out)
-    shared = run_ftl(models, method, steps, out, critic="shared")
+    a different model (a value head on the policy's trunk, ftl.rl.value_head), which TRL 1.12 cannot run.
+    TRL runs twice: as it runs, and with ftl's allocator settings (REUSE_ENV). attribute: ftl also runs with
+    `train.host_allocator: system` (glibc's defaults, what ftl did before the key existed)."""
+    ftl, trl = run_ftl(models, method, steps, out, precision), run_trl(models, method, steps, out, precision)
+    trl_reuse = run_trl(models, method, steps, out, precision, env=REUSE_ENV)
+    shared = run_ftl(models, method, steps, out, precision, critic="shared")
     without_gc = trl["episodes_per_second_loop_without_gc"]
-    return {"steps": steps, "ftl": ftl, "trl": trl, "ftl_shared_critic": shared,
+    extra = {}
+    if attribute:
+        system = run_ftl(models, method, steps, out, precision, allocator="system")
+        extra = {"ftl_system_allocator": system,
+                 "system_allocator_ratio_loop_vs_trl_without_gc": system["episodes_per_second_loop"] / without_gc}
+    return {"steps": steps, "precision": precision, "ftl": ftl, "trl": trl, "trl_with_ftl_allocator": trl_reuse,
+            "ratio_loop_vs_trl_with_ftl_allocator_without_gc":
+                ftl["episodes_per_second_loop"] / trl_reuse["episodes_per_second_loop_without_gc"],
+            "ftl_shared_critic": shared, **extra,
             "ratio_loop": ftl["episodes_per_second_loop"] / trl["episodes_per_second_loop"],
             "ratio_loop_vs_trl_without_gc": ftl["episodes_per_second_loop"] / without_gc,
             "ratio_command": ftl["episodes_per_second_command"] / trl["episodes_per_second_command"],
@@ -198,13 +219,15 @@ def main(profiles=("tiny", "smollm2")) -> dict:
         result["model_params"], result["vocab_size"] = models.pop("model_params"), models.pop("vocab_size")
         result["prompts"] = N_PROMPTS
         for method in ("full", "lora"):
-            result["runs"][f"tiny-{method}"] = compare(models, method, STEPS["tiny"], out)
+            result["runs"][f"tiny-{method}"] = compare(models, method, STEPS["tiny"], out, "fp32", attribute=False)
         if "smollm2" in profiles:
             big_out = out / "smollm2"  # its own reward model and run folders
             big_out.mkdir()
             big = smollm2_models(big_out, models["prompts"])
-            for method in ("full", "lora"):
-                result["runs"][f"smollm2-{method}"] = compare(big, method, STEPS["smollm2"], big_out)
+            for precision in ("fp32", "bf16"):  # bf16: autocast over fp32 weights on both sides
+                for method in ("full", "lora"):
+                    key = f"smollm2-{method}" + ("" if precision == "fp32" else f"-{precision}")
+                    result["runs"][key] = compare(big, method, STEPS["smollm2"], big_out, precision, attribute=True)
     return result
 
 

@@ -124,9 +124,10 @@ def table(results: dict[str, dict]) -> str:
         r = results["ppo_vs_trl"]
         for run, v in r["runs"].items():
             ftl, trl = v["ftl"], v["trl"]
-            model, method = run.split("-", 1)
+            model, method = run.split("-")[:2]
             model = f"{r['model_params'] / 1e6:.2f}M Llama" if model == "tiny" else "SmolLM2-135M"
-            lines.append(f"| PPO vs TRL {r['trl_version']} PPOTrainer ({model}, {method} policy, "
+            precision = v.get("precision", "fp32")
+            lines.append(f"| PPO vs TRL {r['trl_version']} PPOTrainer ({model}, {method} policy, {precision}, "
                          f"{ftl['episodes_per_step']:.0f} episodes/step, {r['settings']['ppo_epochs']} PPO epochs x "
                          f"{r['settings']['rollout_batch'] // r['settings']['mini_batch']} mini-batches, "
                          f"~{ftl['mean_response_tokens']:.0f} / {trl['mean_response_tokens']:.0f} response tokens, "
@@ -135,6 +136,16 @@ def table(results: dict[str, dict]) -> str:
                          f"{trl['episodes_per_second_loop_without_gc']:.3g} without its gc.collect() "
                          f"({trl['gc_seconds_per_step']:.2f} s/step) | {v['ratio_loop_vs_trl_without_gc']:.2f}x "
                          f"({v['ratio_loop']:.1f}x as it runs) | >= 1.5x |")
+            reuse = v.get("trl_with_ftl_allocator")
+            if reuse is not None:
+                system = v.get("ftl_system_allocator")
+                lines.append(f"| The same, the allocator's share: TRL given ftl's glibc settings; ftl with "
+                             f"`host_allocator: system` | episodes/s, training loop | "
+                             + (f"{system['episodes_per_second_loop']:.3g} (system) | " if system else "(not run) | ")
+                             + f"{reuse['episodes_per_second_loop_without_gc']:.3g} without gc | "
+                             f"ftl ÷ TRL, both reusing: {v['ratio_loop_vs_trl_with_ftl_allocator_without_gc']:.2f}x"
+                             + (f"; both system: {v['system_allocator_ratio_loop_vs_trl_without_gc']:.2f}x" if system else "")
+                             + " | (reported) |")
             lines.append(f"| PPO vs TRL, the same runs: whole command; generation share of the loop; peak RSS | "
                          f"episodes/s (wall clock incl. start-up); %; GiB | "
                          f"{ftl['episodes_per_second_command']:.3g}; {100 * ftl['generation_share']:.0f}%; "

@@ -1,7 +1,9 @@
 """SFT throughput: ftl (packed, no gradient checkpointing) vs TRL SFTTrainer, at its defaults and at its best.
 
 Same data (chatterbot-corpus English conversations), same ~11M-parameter Llama and tokenizer, same initial
-weights, same step count, one process, all measured in one run (the machine is shared: compare ratios).
+weights, same step count, one process, all measured in one run (the machine is shared: compare ratios). One
+process means one C allocator: it is set to ftl's `train.host_allocator: reuse` before the first run, so TRL's
+runs keep freed host memory for reuse too (otherwise TRL's runs after ftl's first would inherit it).
 Throughput counts real (non-padding) tokens per second of training step, at the median step time after 3
 warm-up steps; ftl's default and TRL's best run twice, alternating, and the faster run counts. MFU = 6 * params * tokens/s / the
 bf16 matmul peak measured in the run (the higher of a measurement at its start and one at its end).
@@ -237,7 +239,10 @@ def model_params(config: dict) -> int:
 
 
 def main() -> dict:
+    from ftl.train.host_allocator import apply_host_allocator
+
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    allocator = apply_host_allocator("reuse")  # for every run in this process, TRL's too (the docstring)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -280,7 +285,7 @@ def main() -> dict:
     for r in (ftl, *variants.values(), gc_on, gc_off, *([smol] if smol else [])):
         r.pop("losses")
     return {"name": "sft_throughput", "model_params": params, "steps": STEPS, "warmup_steps_excluded": WARMUP,
-            "batch": [BATCH, MAX_LENGTH], "matmul_peak_gflops": peak, "ftl": ftl,
+            "batch": [BATCH, MAX_LENGTH], "matmul_peak_gflops": peak, "host_allocator": allocator, "ftl": ftl,
             "trl_sfttrainer_defaults": trl, "trl_sfttrainer_best": trl_best,
             "speedup": ftl["tokens_per_s"] / trl["tokens_per_s"],
             "speedup_vs_trl_best": ftl["tokens_per_s"] / trl_best["tokens_per_s"],

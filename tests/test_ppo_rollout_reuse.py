@@ -4,6 +4,9 @@ than 1, top-k sampling (generate's logits are the raw ones, before temperature a
 of different lengths, responses that stop at EOS, the plain and the chunked log-probability path — and the
 configurations where they would not are refused."""
 
+import json
+import math
+
 import pytest
 import torch
 
@@ -150,3 +153,36 @@ def test_mini_batches_run_on_the_columns_they_use(tokenizer):
         whole = response_values(value_model, seq, mask, pos, r.prompt_length)[:, :width]
         part = response_values(value_model, t_seq, t_mask, t_pos, t_prompt)
         torch.testing.assert_close(part[real], whole[real], atol=ATOL, rtol=0)
+
+
+def test_a_bf16_lora_ppo_run_rolls_out_in_bf16_over_a_bf16_frozen_base(tiny_recipe, tmp_path, monkeypatch):
+    """train.precision bf16 (no DeepSpeed), LoRA policy: every rollout runs under the run's autocast (a PEFT
+    model's generate bypasses the autocast accelerate wraps its forward in; before, LoRA sampled in fp32) and
+    the frozen base linears are stored in bf16 (exact under autocast); the adapter trains in fp32."""
+    import ftl.stages.ppo as ppo
+    from conftest import tiny_ppo_recipe
+    from ftl.config import load_recipe
+
+    seen = []
+    real_collect = ppo.collect
+
+    def observed(policy, *args, **kwargs):
+        linears = [m for n, m in policy.named_modules() if n.endswith("mlp.down_proj.base_layer")]
+        seen.append({"autocast": torch.is_autocast_enabled("cpu"), "base": linears[0].weight.dtype,
+                     "adapter": {p.dtype for n, p in policy.named_parameters() if "lora_" in n}})
+        rollout = real_collect(policy, *args, **kwargs)
+        seen[-1]["logprobs_from_generation"] = rollout.logprobs_from_generation
+        return rollout
+
+    monkeypatch.setattr(ppo, "collect", observed)
+    path = tiny_ppo_recipe(tiny_recipe, "bf16_lora", "gae", 1)
+    recipe = load_recipe(path, overrides=["method={kind: lora, lora: {r: 4, alpha: 8, target_modules: all-linear}}",
+                                          "train.precision=bf16", "train.max_steps=2", "train.save_every=2",
+                                          "eval.max_examples=2"])
+    ppo.run_ppo(recipe, tmp_path / "run")
+    assert len(seen) == 2
+    assert all(s["autocast"] and s["base"] == torch.bfloat16 and s["adapter"] == {torch.float32} for s in seen)
+    assert not any(s["logprobs_from_generation"] for s in seen)  # under autocast: the separate forward
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "policy_loss" in r] == [1, 2]
+    assert all(math.isfinite(r["policy_loss"]) and math.isfinite(r["value_loss"]) for r in rows if "policy_loss" in r)

@@ -50,11 +50,17 @@ def method_info(kind: str) -> MethodInfo:
     return METHODS[kind]
 
 
+# stages whose every training forward runs under the run's autocast (session.training_autocast_dtype): plain
+# LoRA there keeps its frozen linears in bf16 at train.precision bf16
+STORES_FROZEN_16BIT = ("sft", "ppo")
+
+
 def apply_method(model, cfg: MethodConfig, gradient_checkpointing: bool = False, task_type: str = "CAUSAL_LM",
                  autocast_dtype: Optional[str] = None):
-    """autocast_dtype: "bfloat16" when every forward that trains runs under bf16 autocast (the caller knows:
-    an SFT stage at train.precision bf16 without DeepSpeed); LoRA then keeps its frozen linear weights in bf16,
-    exactly the values autocast would compute with (methods/lora.py: store_frozen_linears_16bit)."""
+    """autocast_dtype: "bfloat16" when every forward that trains runs under bf16 autocast (the caller knows: an
+    SFT or PPO stage, STORES_FROZEN_16BIT, at train.precision bf16 without DeepSpeed); LoRA then keeps its frozen
+    linear weights in bf16, exactly the values autocast would compute with (methods/lora.py:
+    store_frozen_linears_16bit)."""
     model = METHODS[cfg.kind].apply(model, cfg, gradient_checkpointing=gradient_checkpointing, task_type=task_type)
     if cfg.qat.enabled:  # fake-quantised linear layers while training (torchao); see methods/qat.py
         model = qat.prepare(model, cfg)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from ftl.config.schema import Recipe
-from ftl.methods import METHODS
+from ftl.methods import METHODS, STORES_FROZEN_16BIT
 from ftl.models.load import pretrained_dir, without_zero_init
 from ftl.plan.memory import Estimate, ModelShape, RLWorkload, Setup, Workload, estimate
 from ftl.rl.advantages import ESTIMATORS
@@ -110,7 +110,7 @@ def recipe_setup(recipe: Recipe) -> Setup:
                  offload_params=(zero.get("offload_param") or {}).get("device") in ("cpu", "nvme"),
                  grad_accum_fp32=(config.get("data_types") or {}).get("grad_accum_dtype") in FP32_NAMES,
                  # session.training_autocast_dtype: what lets plain LoRA store its frozen linears in bf16
-                 lora_frozen_16bit=recipe.method.kind == "lora" and recipe.stage == "sft"
+                 lora_frozen_16bit=recipe.method.kind == "lora" and recipe.stage in STORES_FROZEN_16BIT
                  and recipe.train.precision == "bf16")
 
 

@@ -37,7 +37,7 @@ from ftl.data.chat_templates import load_chat_template, template_manifest, untok
 from ftl.data.packing import pack_sequences
 from ftl.errors import DataError, FtlError
 from ftl.evaluate.report import write_report
-from ftl.methods import METHODS, apply_method, save_trained, trainable_summary
+from ftl.methods import METHODS, STORES_FROZEN_16BIT, apply_method, save_trained, trainable_summary
 from ftl.models.attention import check_attention, packs_rows
 from ftl.models.load import base_model_dir, load_model, load_tokenizer, model_origin, record_texts
 from ftl.plan import (CheckpointingChoice, DataLengths, checkpointing_choice, measured_lengths, model_shape,
@@ -300,10 +300,12 @@ class RunSession:
 
     def training_autocast_dtype(self) -> Optional[str]:
         """"bfloat16" where every forward of the model that trains runs under bf16 autocast: an SFT stage (its
-        loss and evaluation go through the prepared model) at train.precision bf16 without DeepSpeed (which
-        casts the weights itself). The method may then store frozen weights in bf16 (memory, not numerics)."""
+        loss and evaluation go through the prepared model) or PPO (updates through the prepared model, each
+        rollout under the run's autocast) at train.precision bf16 without DeepSpeed (which casts the weights
+        itself). The method may then store frozen weights in bf16 (memory and per-forward casts, not numerics)."""
         acc = self.accelerator
-        if self.recipe.stage != "sft" or acc.mixed_precision != "bf16" or acc.state.deepspeed_plugin is not None:
+        if self.recipe.stage not in STORES_FROZEN_16BIT or acc.mixed_precision != "bf16" or \
+                acc.state.deepspeed_plugin is not None:
             return None
         return "bfloat16"
 

@@ -13,6 +13,7 @@ ZeRO-3 a full policy's reference is a frozen copy loaded partitioned, with an in
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -271,8 +272,11 @@ def ppo_iteration(session: RunSession, models: PPOModels, tokenizer, prompts: li
     recipe, acc = session.recipe, session.accelerator
     k = recipe.ppo.samples_per_prompt
     prompts = [p for p in prompts for _ in range(k)]  # a prompt's k samples on contiguous rows
-    rollout = collect(models.unwrapped_policy, models.reference, models.value, models.reward, tokenizer, prompts,
-                      recipe.sampling, acc.device, recipe.train.loss_chunk_tokens)
+    # in the recipe's precision: a PEFT policy's generate bypasses the autocast accelerate wraps its forward in,
+    # and the reward model is not prepared (under ZeRO-3 the engines cast the weights themselves)
+    with contextlib.nullcontext() if models.sharded else acc.autocast():
+        rollout = collect(models.unwrapped_policy, models.reference, models.value, models.reward, tokenizer, prompts,
+                          recipe.sampling, acc.device, recipe.train.loss_chunk_tokens)
     advantages, returns, kl = advantages_for(rollout, recipe.ppo, kl_coef)
     started = time.perf_counter()
     stats = ppo_step(acc, models.policy, models.value, models.optimizer, rollout, advantages, returns, recipe.ppo,
