@@ -381,7 +381,7 @@ class TrainConfig(Section):
         "(adamw/sgd on CPU or CUDA, not under DeepSpeed), else torch's default; the manifest records the choice")
     host_allocator: Literal["auto", "reuse", "system"] = Field(
         "auto", description="what the C allocator does with freed host memory: reuse keeps it in the process for "
-        "the next step's tensors (no page faults re-touching fresh memory; 1.25-1.7x faster PPO steps on CPU here, "
+        "the next step's tensors (no page faults re-touching fresh memory; 1.1-1.3x the PPO episodes/s on CPU here, "
         "peak RSS +2-5%), system leaves glibc's defaults (large blocks go back to the OS at once); auto: reuse "
         "on glibc (Linux), else system. Memory still goes back at phase boundaries; the manifest records it")
     weight_decay: float = Field(0.0, ge=0)
