@@ -168,6 +168,19 @@ def assert_resumed_from(output: str, run_dir: Path, step: int, total: int) -> No
 
 
 @pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state; each Accelerator built here starts from none and leaves none
+    (an in-process run at another precision than an earlier one would be refused by accelerate)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
 def tiny_recipe(tmp_path):
     def make(name="recipe.yaml", run_dir=None, **sections) -> Path:
         return write_recipe(tmp_path / name, tiny_recipe_dict(run_dir or tmp_path / "run", **sections))

@@ -155,7 +155,8 @@ def test_mini_batches_run_on_the_columns_they_use(tokenizer):
         torch.testing.assert_close(part[real], whole[real], atol=ATOL, rtol=0)
 
 
-def test_a_bf16_lora_ppo_run_rolls_out_in_bf16_over_a_bf16_frozen_base(tiny_recipe, tmp_path, monkeypatch):
+def test_a_bf16_lora_ppo_run_rolls_out_in_bf16_over_a_bf16_frozen_base(tiny_recipe, tmp_path, monkeypatch,
+                                                                       fresh_accelerate_state):
     """train.precision bf16 (no DeepSpeed), LoRA policy: every rollout runs under the run's autocast (a PEFT
     model's generate bypasses the autocast accelerate wraps its forward in; before, LoRA sampled in fp32) and
     the frozen base linears are stored in bf16 (exact under autocast); the adapter trains in fp32."""

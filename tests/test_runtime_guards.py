@@ -52,18 +52,6 @@ def no_accelerate_env(monkeypatch):
     return monkeypatch
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """Accelerate keeps one process-wide state; each Accelerator built here starts from none and leaves none."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 # -- device ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("machine, why", [(CPU_ONLY, "torch 2.13.0+cpu is built without CUDA"),
                                           (NO_VISIBLE_GPU, "sees 0 CUDA devices")])
