@@ -39,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ftl.train.host_allocator import REUSE
+
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 TRL_VERSION = "1.12.0"
@@ -47,7 +49,8 @@ SETTINGS = {"rollout_batch": 8, "mini_batch": 4, "ppo_epochs": 2, "max_new_token
             "kl_coef": 0.05, "lr": 3.0e-4, "seed": 0, "lora_r": 16, "lora_alpha": 32}
 # glibc settings ftl's `train.host_allocator: auto` makes in its own process (ftl.train.host_allocator), given to
 # TRL's process as environment variables for a second TRL measurement: how much of the ratio is the allocator
-REUSE_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+# (glibc reads M_X as the variable MALLOC_X_)
+REUSE_ENV = {f"MALLOC_{name[2:]}_": str(value) for name, value in REUSE.items()}
 STEPS = {"tiny": 16, "smollm2": 3}
 N_PROMPTS = 64
 ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "TOKENIZERS_PARALLELISM": "false"}

@@ -19,10 +19,10 @@ system: glibc's defaults. auto: reuse where glibc is the allocator (Linux), else
 
 from __future__ import annotations
 
-import ctypes
 import sys
 
 from ftl.errors import RecipeError
+from ftl.track.memory import glibc
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's malloc.h
 REUSE = {"M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": 2**31 - 1}  # mallopt takes an int: the largest trim threshold
@@ -32,18 +32,6 @@ SYSTEM = {"M_MMAP_MAX": 65536, "M_TRIM_THRESHOLD": 128 * 1024, "M_MMAP_THRESHOLD
 PARAMETERS = {"M_TRIM_THRESHOLD": M_TRIM_THRESHOLD, "M_MMAP_THRESHOLD": M_MMAP_THRESHOLD, "M_MMAP_MAX": M_MMAP_MAX}
 
 _applied: str | None = None  # what this process last set ("reuse" / "system"), None: glibc untouched
-
-
-def glibc():
-    """glibc's handle, or None where the C library is another (musl, macOS)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.gnu_get_libc_version  # noqa: B018 - glibc only
-        return libc
-    except (OSError, AttributeError):
-        return None
 
 
 def apply_host_allocator(requested: str) -> dict:
@@ -61,10 +49,8 @@ def apply_host_allocator(requested: str) -> dict:
         if libc.mallopt(PARAMETERS[name], value) != 1:
             raise RecipeError(f"train.host_allocator: {mode}: glibc refused mallopt({name}, {value}). "
                               "Expected system here.")
-    _applied = mode if settings else _applied
-    version = libc.gnu_get_libc_version
-    version.restype = ctypes.c_char_p
-    record = {"requested": requested, "mode": mode, "glibc": version().decode()}
+    record = {"requested": requested, "mode": mode, "glibc": libc.gnu_get_libc_version().decode()}
     if settings:
+        _applied = mode
         record["mallopt"] = dict(settings)
     return record
